@@ -1,0 +1,311 @@
+"""The ``accelc`` command line (click + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import AccelcError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(e: AccelcError) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    sys.exit(e.exit_code)
+
+
+class _Group(click.Group):
+    """Turns AccelcError into a clean message and exit code; anything else keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AccelcError as e:
+            _fail(e)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    if "top1_agreement" in metrics:
+        return f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, max abs err {metrics['max_abs_error']:.3g}"
+    if "batch" in metrics:
+        parts = [f"bs{bs}: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['throughput']:.0f}/s"
+                 for bs, b in metrics["batch"].items()]
+        return "; ".join(parts) + f" ({metrics.get('threads')} threads)"
+    keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(keep.items())[:4])
+
+
+class RichReporter:
+    """Progress display: a spinner on the running pass, one line per finished pass."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.status: Any = None
+
+    def stage_started(self, node_id: str, pass_name: str) -> None:
+        self.status = self.console.status(f"[bold]{escape(node_id)}[/] running…")
+        self.status.start()
+
+    def stage_progress(self, node_id: str, message: str) -> None:
+        if self.status:
+            self.status.update(f"[bold]{escape(node_id)}[/] {escape(message)}")
+
+    def stage_finished(self, node_id: str, cached: bool, seconds: float, metrics: dict[str, Any]) -> None:
+        if self.status:
+            self.status.stop()
+            self.status = None
+        state = metrics.get("status")
+        if state == "blocked":
+            mark = "[yellow]⊘ blocked[/]"
+        elif state == "failed":
+            mark = "[red]✗ failed [/]"
+        else:
+            mark = "[cyan]● cached [/]" if cached else "[green]✓ built  [/]"
+        detail = _summary({k: v for k, v in metrics.items() if k != "status"})
+        self.console.print(f"{mark} {escape(f'{node_id:<22}')} {seconds:7.2f}s  [dim]{escape(detail)}[/]")
+
+    def notice(self, message: str) -> None:
+        self.console.print(f"[yellow]![/] {message}")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="accelc")
+def main() -> None:
+    """accelc: compile a PyTorch model into a verified, cached deployable artifact.
+
+    \b
+    A YAML recipe names the model, its inputs, the target (cpu, t4, ...), the
+    precision and the data to calibrate and verify on. accelc validates it, lowers
+    it to a pass graph, runs each pass once (results are cached by content hash)
+    and checks accuracy against the source model after the stages you choose.
+
+    \b
+    Start here:
+      accelc build recipes/efficientnet_lite0_cpu_int8.yaml
+      accelc plan  recipes/resnet18_t4_int8.yaml     # graph, cache keys, what runs here
+      accelc passes                                  # every pass, its inputs and needs
+    """
+
+
+_cache_opt = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ACCELC_CACHE_DIR",
+    help="Artifact store (default: the user cache dir; env ACCELC_CACHE_DIR).",
+)
+_target_opt = click.option("--target", "-t", help="Override the recipe's target (see `accelc targets`).")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_target_opt
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (default: build/<recipe name>).")
+@_cache_opt
+@click.option("--no-cache", is_flag=True, help="Rebuild every pass in a private store; the shared cache is not touched.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout when done.")
+def build(recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Path | None, no_cache: bool, as_json: bool) -> None:
+    """Build RECIPE: run every pass (or reuse it from the cache), verify, benchmark.
+
+    \b
+    The out dir receives the final artifact (e.g. model.onnx), report.json,
+    report.md and accelc.lock (every node's cache key and digest, package
+    versions, host). Exit codes: 0 ok, 2 bad recipe/input, 3 a pass needs
+    hardware this host lacks, 4 a pass failed, 5 verification failed.
+    """
+    from .build import build as run_build
+
+    reporter = RichReporter(console)
+    outcome = run_build(recipe, target=target, out_dir=out_dir, cache_dir=cache_dir, no_cache=no_cache, reporter=reporter)
+    rep = outcome.report
+    table = Table(title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}", title_justify="left")
+    for col in ("stage", "status", "cached", "s", "result"):
+        table.add_column(col, overflow="fold")
+    for s in rep["stages"]:
+        table.add_row(escape(s["node"]), s["status"], "yes" if s["cached"] else "no", f"{s['seconds']:.2f}", _summary(s["metrics"]))
+    console.print(table)
+    if as_json:
+        out.print_json(json.dumps(rep, default=str))
+    if outcome.ok:
+        console.print(f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})")
+    else:
+        _fail(outcome.result.failure)  # type: ignore[arg-type]
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_target_opt
+@_cache_opt
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Out dir whose accelc.lock explains why nodes are not cached.")
+def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None) -> None:
+    """Show RECIPE's pass graph in execution order: each node's inputs, cache key, whether it is
+    cached, and whether it can run on this host (and if not, why). Runs nothing."""
+    from .build import plan as run_plan
+
+    graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir)
+    t = Table(title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
+              title_justify="left")
+    for col in ("#", "node", "inputs", "produces", "key", "status", "why"):
+        t.add_column(col, overflow="fold")
+    style = {"cached": "cyan", "run": "green", "blocked": "yellow"}
+    for i, pn in enumerate(nodes, 1):
+        n = graph.by_id[pn.id]
+        final = " [bold](final)[/]" if pn.id == graph.final else ""
+        reason = ("needs " + ", ".join(c for c, _ in pn.missing)) if pn.status == "blocked" else pn.reason
+        t.add_row(str(i), escape(pn.id) + final, escape(", ".join(n.inputs.values())), n.produces, pn.key[:12],
+                  f"[{style[pn.status]}]{pn.status}[/]", escape(reason))
+    out.print(t)
+    blocked = [p for p in nodes if p.status == "blocked"]
+    if blocked:
+        found = {c: d for p in blocked for c, d in p.missing}
+        out.print(f"[yellow]{len(blocked)} node(s) cannot run on this host; a build stops at {escape(blocked[0].id)}.[/]")
+        for c, d in found.items():
+            out.print(f"  missing [bold]{escape(c)}[/]: {escape(d)}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_target_opt
+def validate(recipe: Path, target: str | None) -> None:
+    """Check RECIPE against the schema and every pass's option schema, and lower it. Runs nothing."""
+    from .build import prepare
+
+    graph, _ = prepare(recipe, target)
+    out.print(f"[green]ok[/]: {recipe} ({len(graph.nodes)} nodes, final: {graph.final})")
+
+
+@main.command()
+def passes() -> None:
+    """List every registered pass: plugin, version, inputs, output and host requirements."""
+    from .registry import default_registry
+
+    reg = default_registry()
+    t = Table(title="passes")
+    for col in ("pass", "plugin", "version", "consumes", "produces", "requires", "description"):
+        t.add_column(col, overflow="fold")
+    for name in sorted(reg.passes):
+        p = reg.passes[name]
+        t.add_row(name, reg.plugin_of("passes", name), p.version,
+                  "; ".join(f"{s.name}: {'|'.join(s.kinds) if len(s.kinds) < 4 else 'runnable'}" for s in p.inputs),
+                  p.produces, ", ".join(p.requires) or "-", p.summary())
+    out.print(t)
+
+
+@main.command()
+def targets() -> None:
+    """List target profiles: device, capabilities and default pipeline per runtime and precision."""
+    from .registry import default_registry
+
+    reg = default_registry()
+    t = Table(title="targets")
+    for col in ("target", "plugin", "device", "needs", "runtime", "precision", "pipeline (verify after *)"):
+        t.add_column(col, overflow="fold")
+    for name in sorted(reg.targets):
+        tp = reg.targets[name]
+        for rt, by_prec in tp.runtimes.items():
+            for prec, pl in by_prec.items():
+                steps = " → ".join(s.name + ("*" if s.name in pl.verify_after else "") for s in pl.steps)
+                default = " (default)" if rt == tp.default_runtime else ""
+                t.add_row(name, reg.plugin_of("targets", name), tp.device, ", ".join(tp.capabilities), rt + default, prec, steps)
+    out.print(t)
+
+
+@main.command()
+def plugins() -> None:
+    """List loaded plugins (built-in and from the accelc.plugins entry-point group) with versions."""
+    from .registry import default_registry
+
+    reg = default_registry()
+    t = Table(title="plugins")
+    for col in ("plugin", "distribution", "passes", "targets", "sources"):
+        t.add_column(col, overflow="fold")
+    for name, dist in reg.plugins.items():
+        owned = lambda cat: ", ".join(sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name))  # noqa: E731
+        t.add_row(name, dist or "(built-in)", owned("passes"), owned("targets"),
+                  ", ".join(filter(None, [owned("model_sources"), owned("data_sources")])))
+    out.print(t)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the artifact store."""
+
+
+def _store(cache_dir: Path | None) -> Any:
+    from .cache import Store, default_root
+
+    return Store(cache_dir or default_root())
+
+
+@cache.command("list")
+@_cache_opt
+def cache_list(cache_dir: Path | None) -> None:
+    """List entries, most recently used first."""
+    store = _store(cache_dir)
+    t = Table(title=f"cache: {store.root}")
+    for col in ("key", "node", "kind", "MiB", "created"):
+        t.add_column(col)
+    import time as _t
+
+    total = 0
+    for e in store.list():
+        total += e.size_bytes
+        t.add_row(e.key[:12], e.meta.get("node", "?"), e.meta.get("kind", "?"), f"{e.size_bytes / 2**20:.2f}",
+                  _t.strftime("%Y-%m-%d %H:%M", _t.localtime(e.meta.get("created", 0))))
+    out.print(t)
+    out.print(f"{len(store.list())} entries, {total / 2**20:.1f} MiB")
+
+
+@cache.command("clear")
+@_cache_opt
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear(cache_dir: Path | None, yes: bool) -> None:
+    """Remove every entry."""
+    store = _store(cache_dir)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Remove every entry under {store.root}?", abort=True)
+    out.print(f"removed {store.clear()} entries")
+
+
+@cache.command("verify")
+@_cache_opt
+def cache_verify(cache_dir: Path | None) -> None:
+    """Re-hash every entry; exit 6 if any is corrupt (a build would rebuild it)."""
+    store = _store(cache_dir)
+    bad = store.verify_all()
+    for key, problem in bad:
+        out.print(f"[red]corrupt[/] {key[:12]}: {problem}")
+    out.print(f"{len(store.list())} entries checked, {len(bad)} corrupt")
+    if bad:
+        sys.exit(6)
+
+
+@cache.command("gc")
+@_cache_opt
+@click.option("--max-size", "max_mib", type=click.FloatRange(min=0), required=True, help="Keep at most this many MiB.")
+def cache_gc(cache_dir: Path | None, max_mib: float) -> None:
+    """Evict least-recently-used entries until the store fits in --max-size MiB."""
+    store = _store(cache_dir)
+    evicted = store.gc(int(max_mib * 2**20))
+    out.print(f"evicted {len(evicted)} entries")
+
+
+@main.command()
+def env() -> None:
+    """Print the environment fingerprint a build records (Python, platform, package versions)."""
+    from .environment import fingerprint
+    from .host import Host
+
+    out.print_json(json.dumps({**fingerprint(), "host": Host().describe()}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

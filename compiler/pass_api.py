@@ -1,0 +1,135 @@
+"""The contract between accelc and every pass, built-in or third-party.
+
+A pass is an object with a name, a version, typed input slots, one output kind,
+the host capabilities it requires and a JSON Schema for its options. ``run`` gets
+its inputs (artifacts already in the store) and validated options, writes files
+into ``ctx.workdir`` and returns a :class:`PassResult`. It does not read the
+recipe, the cache or the CLI: everything it needs arrives through its arguments,
+which is what makes the cache key (inputs + options + versions) complete.
+
+The shape follows onnx-ir's pass infrastructure: one ``run`` call, a result that
+says what came out, and contract checks that name the pass that broke them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .artifacts import Artifact
+from .signature import InputSignature
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A named input of a pass and the artifact kinds it accepts.
+
+    Lowering wires each slot to the most recent upstream node whose output kind is
+    in ``kinds``; ``source=True`` wires it to the *first* such node instead (used
+    by ``reference``, which must see the unmodified source model).
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    source: bool = False
+    optional: bool = False
+
+
+@dataclass
+class PassResult:
+    """What a pass produced: the primary file's name inside ``ctx.workdir``, and facts about it.
+
+    ``metrics`` are numbers shown in the report (``top1_agreement``, ``p50_ms``...);
+    ``meta`` is carried with the artifact for downstream passes and runners.
+    """
+
+    main: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a running pass may use besides its inputs and options.
+
+    Attributes:
+        workdir: empty staging directory; everything written here becomes the artifact.
+        signature: the model's input signature from the recipe (names, shapes, dtypes, dynamic dims).
+        host: capabilities of this host (see :mod:`accelc.host`).
+        runners: ``make_runner(artifact, device=..., threads=...)`` for executing any runnable kind.
+        sources: registry of model and data sources (used by the loading passes).
+        log: a logger whose lines show under the running pass in the progress display.
+    """
+
+    workdir: Path
+    signature: InputSignature
+    host: Any
+    runners: Any
+    sources: Any
+    node: str
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("accelc.pass"))
+    progress: Callable[[str], None] = lambda _msg: None
+
+
+class Pass:
+    """Base class of passes. Subclasses set the class attributes and implement :meth:`run`.
+
+    Class attributes:
+        name: registry name used in recipes (``calibrate``).
+        version: bump when the output for the same inputs and options changes; part of the cache key.
+        inputs: input slots, in order.
+        produces: output artifact kind.
+        requires: host capabilities, e.g. ``("cuda", "tensorrt", "sm>=75")``.
+        options_schema: JSON Schema (2020-12) of the options object; defaults are filled in from it.
+        env_packages: distributions whose versions change the output; their versions enter the cache key.
+        key_ignores: option names that do not change the artifact (e.g. verify tolerances), left out of the key.
+        final: whether the output can be the build's deployable artifact.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    inputs: ClassVar[tuple[Slot, ...]] = ()
+    produces: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
+    env_packages: ClassVar[tuple[str, ...]] = ()
+    key_ignores: ClassVar[tuple[str, ...]] = ()
+    final: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def output_kind(self, options: dict[str, Any]) -> str:
+        """The artifact kind this invocation produces (``produces`` unless it depends on options)."""
+        return self.produces
+
+    def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
+        """Host facts that change this pass's output (GPU name, CPU model...). Default: none."""
+        return {}
+
+    def key_material(self, options: dict[str, Any], host: Any, sources: Any) -> dict[str, Any]:
+        """What of this invocation enters the cache key besides name, version, inputs and versions.
+
+        Default: the options minus ``key_ignores``, plus :meth:`key_extras`. Source passes
+        override it to use content digests instead of file paths.
+        """
+        material: dict[str, Any] = {"options": {k: v for k, v in options.items() if k not in self.key_ignores}}
+        extras = self.key_extras(options, host)
+        if extras:
+            material["host"] = extras
+        return material
+
+    def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
+        """Produce the output artifact's files in ``ctx.workdir``. Raise ``PassError`` on failure."""
+        raise NotImplementedError
+
+    def check(self, result_metrics: dict[str, Any], options: dict[str, Any]) -> None:
+        """Post-condition on a (possibly cached) result, e.g. tolerances. Raise ``VerificationError``."""
+        return None
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the description or docstring."""
+        text = cls.description or (cls.__doc__ or "")
+        return text.strip().splitlines()[0] if text.strip() else ""

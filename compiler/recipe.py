@@ -1,0 +1,246 @@
+"""Reading and validating recipes.
+
+A recipe is YAML read with ``yaml.safe_load`` and validated with ``jsonschema``
+(Draft 2020-12) in two layers: ``schemas/recipe.schema.json`` for the recipe's
+shape, then the schema each model source, data source and pass publishes for its
+own options. Every problem is reported at once, each with its JSON path
+(``passes[3].calibrate.method``). Relative paths are resolved against the recipe's
+directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from .errors import RecipeError, SchemaIssue
+from .signature import InputSignature
+from .targets import PassStep
+
+#: Recipes are small; anything larger is refused before parsing.
+MAX_RECIPE_BYTES = 1 << 20
+
+
+@dataclass
+class Recipe:
+    """A validated recipe, with defaults filled in and paths made absolute.
+
+    ``passes`` is ``None`` when the recipe does not override the target's pipeline.
+    """
+
+    file: Path
+    name: str
+    model: dict[str, Any]
+    signature: InputSignature
+    target: str
+    runtime: str | None
+    precision: str
+    data: dict[str, dict[str, Any]]
+    passes: list[PassStep] | None
+    verify: dict[str, Any]
+    benchmark: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+
+def json_path(parts: Any) -> str:
+    """Format a jsonschema path deque as ``passes[3].calibrate.method`` (``(root)`` when empty)."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(root)"
+
+
+def _issue(err: ValidationError, prefix: str = "") -> SchemaIssue:
+    if err.context:  # oneOf/anyOf: the sub-error that went deepest says most
+        err = best_match(err.context)
+    where = json_path(list(err.absolute_path))
+    if prefix:
+        where = prefix if where == "(root)" else f"{prefix}.{where}" if not where.startswith("[") else prefix + where
+    return SchemaIssue(where, err.message)
+
+
+def schema_issues(schema: dict[str, Any], instance: Any, prefix: str = "") -> list[SchemaIssue]:
+    """All violations of ``schema`` by ``instance``, paths prefixed with ``prefix``."""
+    v = Draft202012Validator(schema)
+    return [_issue(e, prefix) for e in sorted(v.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    """Return a copy of ``obj`` with ``default`` values from ``schema``'s ``properties`` filled in (recursively)."""
+    if not isinstance(obj, dict) or schema.get("type") not in (None, "object"):
+        return obj
+    out = dict(obj)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out and isinstance(out[key], dict):
+            out[key] = apply_defaults(sub, out[key])
+    return out
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file safely. Raises :class:`RecipeError` for a missing, huge or malformed file.
+
+    Aliases are refused: they are rare in recipes and are how a few bytes of YAML expand
+    into gigabytes ("billion laughs").
+    """
+    where = str(path)
+    if not path.is_file():
+        raise RecipeError(where, "file not found")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(where, f"file is {size} bytes; recipes are limited to {MAX_RECIPE_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(where, f"not UTF-8 text: {e}") from e
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise RecipeError(where, f"YAML aliases (*{event.anchor}) are not allowed in recipes")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(where, f"invalid YAML: {loc}{problem}") from e
+    except RecursionError as e:
+        raise RecipeError(where, "YAML nesting is too deep") from e
+
+
+def normalize_passes(items: list[Any]) -> list[PassStep]:
+    """``["fuse_modules", {"calibrate": {"method": "entropy"}}]`` -> ``[PassStep, ...]``."""
+    steps = []
+    for item in items:
+        if isinstance(item, str):
+            steps.append(PassStep(item, {}))
+        else:
+            (name, opts), = item.items()
+            steps.append(PassStep(name, dict(opts or {})))
+    return steps
+
+
+def _resolve_paths(options: dict[str, Any], keys: tuple[str, ...], base: Path) -> dict[str, Any]:
+    out = copy.deepcopy(options)
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        holder: Any = out
+        for p in parents:
+            holder = holder.get(p) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
+            holder[leaf] = str((base / holder[leaf]).resolve())
+    return out
+
+
+def data_source_name(spec: dict[str, Any]) -> str:
+    """The data source a dataset entry uses: explicit ``source``, else ``images``/``tensors`` by key."""
+    if "source" in spec:
+        return spec["source"]
+    return "images" if "images" in spec else "tensors"
+
+
+def load_recipe(path: str | Path, registry: Any, target_override: str | None = None) -> Recipe:
+    """Read, validate and normalise a recipe.
+
+    Raises:
+        RecipeError: listing every problem, each with its JSON path, when the file is
+            missing, not YAML, or violates the recipe schema or a plugin's options schema.
+    """
+    path = Path(path)
+    where = str(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise RecipeError(where, f"the recipe must be a YAML mapping, got {type(raw).__name__}")
+    from . import schemas_loader
+
+    issues = schema_issues(schemas_loader.recipe_schema(), raw)
+    if issues:
+        raise RecipeError(where, issues)
+    base = path.parent.resolve()
+
+    # second layer: each plugin-published options schema
+    model_src = registry.model_sources.get(raw["model"]["source"])
+    if model_src is None:
+        issues.append(
+            SchemaIssue(
+                "model.source",
+                f"unknown model source '{raw['model']['source']}' (known: {', '.join(sorted(registry.model_sources))})",
+            )
+        )
+    else:
+        issues += schema_issues(model_src.options_schema, raw["model"], "model")
+
+    data: dict[str, dict[str, Any]] = {}
+    for role, spec in (raw.get("data") or {}).items():
+        name = data_source_name(spec)
+        src = registry.data_sources.get(name)
+        if src is None:
+            known = ", ".join(sorted(registry.data_sources))
+            issues.append(SchemaIssue(f"data.{role}.source", f"unknown data source '{name}' (known: {known})"))
+            continue
+        issues += schema_issues(src.options_schema, spec, f"data.{role}")
+        data[role] = {"source": name, **spec}
+
+    target_name = target_override or raw["target"]
+    if target_name not in registry.targets:
+        field_name = "--target" if target_override else "target"
+        known = ", ".join(sorted(registry.targets))
+        issues.append(SchemaIssue(field_name, f"unknown target '{target_name}' (known: {known})"))
+
+    steps = normalize_passes(raw["passes"]) if "passes" in raw else None
+    for i, step in enumerate(steps or []):
+        p = registry.passes.get(step.name)
+        if p is None:
+            known = ", ".join(sorted(registry.passes))
+            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{step.name}' (known: {known})"))
+            continue
+        issues += schema_issues(p.options_schema, step.options, f"passes[{i}].{step.name}")
+
+    for i, inp in enumerate(raw["inputs"]):
+        for j, d in enumerate(inp.get("dynamic", [])):
+            at = f"inputs[{i}].dynamic[{j}]"
+            if d["axis"] >= len(inp["shape"]):
+                issues.append(SchemaIssue(f"{at}.axis", f"axis {d['axis']} is outside shape {inp['shape']}"))
+            opt = d.get("opt", d["min"])
+            if not d["min"] <= opt <= d["max"]:
+                issues.append(SchemaIssue(at, f"need min <= opt <= max, got {d['min']}, {opt}, {d['max']}"))
+            elif d["axis"] < len(inp["shape"]) and not d["min"] <= inp["shape"][d["axis"]] <= d["max"]:
+                issues.append(SchemaIssue(f"inputs[{i}].shape[{d['axis']}]", "example size is outside the dynamic range"))
+    names = [i["name"] for i in raw["inputs"]]
+    if len(set(names)) != len(names):
+        issues.append(SchemaIssue("inputs", f"input names must be unique, got {names}"))
+
+    if issues:
+        raise RecipeError(where, issues)
+
+    model = _resolve_paths(apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base)
+    for role, spec in data.items():
+        src = registry.data_sources[spec["source"]]
+        data[role] = _resolve_paths(apply_defaults(src.options_schema, spec), src.path_options, base)
+    if steps is not None:
+        steps = [PassStep(s.name, apply_defaults(registry.passes[s.name].options_schema, s.options)) for s in steps]
+
+    return Recipe(
+        file=path.resolve(),
+        name=raw["name"],
+        model=model,
+        signature=InputSignature.from_json(raw["inputs"]),
+        target=target_name,
+        runtime=raw.get("runtime"),
+        precision=raw["precision"],
+        data=data,
+        passes=steps,
+        verify=apply_defaults(schemas_loader.recipe_schema()["properties"]["verify"], raw.get("verify", {})),
+        benchmark=raw.get("benchmark", {}),
+        raw=raw,
+    )

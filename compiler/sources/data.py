@@ -1,0 +1,233 @@
+"""Built-in data sources: ``images`` (a folder of photos with standard ImageNet
+preprocessing, optionally multiplied by seeded random-resized crops) and ``tensors``
+(arrays in a .npy or .npz file)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from . import DataSource, digest_files
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: torchvision's ImageNet statistics (RGB, 0..1 scale).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImagesSource(DataSource):
+    """A folder of images -> ``(N, 3, crop, crop)`` float32 in NCHW, RGB.
+
+    Preprocessing is the standard ImageNet evaluation transform: resize the shorter
+    side to ``resize`` (bilinear), center-crop ``crop``, scale to [0, 1], subtract
+    ``mean`` and divide by ``std`` per channel. With ``crops.per_image > 1`` each image
+    also yields seeded random-resized crops (area fraction in [``min_scale``, 1],
+    aspect ratio log-uniform in [3/4, 4/3], as torchvision's RandomResizedCrop), which
+    multiplies a handful of real photos into a usable calibration/validation set.
+
+    ``labels`` (optional) is a CSV file of ``filename,class_index`` lines; every crop of
+    an image gets that image's label.
+    """
+
+    name = "images"
+    path_options = ("images", "labels")
+    description = "folder of images, ImageNet preprocessing, optional seeded random-resized crops"
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["images"],
+        "properties": {
+            "source": {"type": "string"},
+            "images": {"type": "string", "minLength": 1, "description": "Folder (relative to the recipe)."},
+            "input": {"type": "string", "description": "Model input fed with the images (default: the first)."},
+            "labels": {"type": "string", "description": "CSV 'filename,class_index' (relative to the recipe)."},
+            "limit": {"type": "integer", "minimum": 1, "description": "Use at most this many samples."},
+            "preprocess": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "resize": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 256},
+                    "crop": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 224},
+                    "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                    "std": {
+                        "type": "array",
+                        "items": {"type": "number", "exclusiveMinimum": 0},
+                        "minItems": 3,
+                        "maxItems": 3,
+                    },
+                },
+            },
+            "crops": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "per_image": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 1},
+                    "min_scale": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.25},
+                    "seed": {"type": "integer", "minimum": 0, "default": 0},
+                },
+            },
+        },
+    }
+
+    @staticmethod
+    def _files(options: dict[str, Any]) -> list[Path]:
+        folder = Path(options["images"])
+        if not folder.is_dir():
+            raise DataError(f"data.images: folder {folder} does not exist")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"data.images: folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+
+    def identity(self, options: dict[str, Any]) -> dict[str, Any]:
+        files = self._files(options)
+        ident = {k: v for k, v in options.items() if k not in ("images", "labels")}
+        ident["images_sha256"] = digest_files(files)
+        if options.get("labels"):
+            ident["labels_sha256"] = digest_files([Path(options["labels"])])
+        return ident
+
+    def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
+        from PIL import Image, UnidentifiedImageError
+
+        pre = options.get("preprocess", {})
+        resize, crop = pre.get("resize", 256), pre.get("crop", 224)
+        mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)
+        std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)
+        crops = options.get("crops", {})
+        per_image = crops.get("per_image", 1)
+        rng = np.random.default_rng(crops.get("seed", 0))
+        input_name = options.get("input") or signature.inputs[0].name
+        spec = next((i for i in signature.inputs if i.name == input_name), None)
+        if spec is None:
+            raise DataError(f"data.input: model has no input '{input_name}' (inputs: {', '.join(signature.names)})")
+        if len(spec.shape) != 4 or spec.shape[1] != 3 or tuple(spec.shape[2:]) != (crop, crop):
+            raise DataError(
+                f"data.preprocess.crop: images become (N, 3, {crop}, {crop}) but input '{input_name}' "
+                f"has shape {list(spec.shape)}"
+            )
+        labels_by_name = _read_labels(Path(options["labels"])) if options.get("labels") else None
+        samples, labels = [], []
+        for path in self._files(options):
+            try:
+                with Image.open(path) as im:
+                    img = im.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise DataError(f"data.images: cannot decode {path}: {e}") from e
+            views = [_center(img, resize, crop)]
+            for _ in range(per_image - 1):
+                views.append(_random_resized(img, crop, crops.get("min_scale", 0.25), rng))
+            for v in views:
+                a = np.asarray(v, dtype=np.float32) / 255.0
+                samples.append(((a - mean) / std).transpose(2, 0, 1))
+            if labels_by_name is not None:
+                if path.name not in labels_by_name:
+                    raise DataError(f"data.labels: no label for {path.name} in {options['labels']}")
+                labels += [labels_by_name[path.name]] * len(views)
+        limit = options.get("limit")
+        out: dict[str, Any] = {input_name: np.stack(samples[:limit]).astype(np.float32)}
+        if labels_by_name is not None:
+            out["labels"] = np.asarray(labels[:limit], dtype=np.int64)
+        return out
+
+
+class TensorsSource(DataSource):
+    """Arrays from a ``.npy`` (one input) or ``.npz`` (arrays named after the inputs) file.
+
+    Each array's first axis is the sample axis: shape ``(N, *input_shape[1:])``.
+    An ``.npz`` may hold ``labels`` of shape ``(N,)`` (int).
+    """
+
+    name = "tensors"
+    path_options = ("tensors",)
+    description = ".npy/.npz arrays, sample axis first"
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["tensors"],
+        "properties": {
+            "source": {"type": "string"},
+            "tensors": {"type": "string", "minLength": 1},
+            "limit": {"type": "integer", "minimum": 1},
+            "labels_key": {"type": "string", "default": "labels"},
+        },
+    }
+
+    def identity(self, options: dict[str, Any]) -> dict[str, Any]:
+        p = Path(options["tensors"])
+        if not p.is_file():
+            raise DataError(f"data.tensors: file {p} does not exist")
+        return {"sha256": digest_files([p]), "limit": options.get("limit"), "labels_key": options.get("labels_key")}
+
+    def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
+        p = Path(options["tensors"])
+        try:
+            loaded = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.tensors: cannot read {p} as .npy/.npz: {e}") from e
+        limit = options.get("limit")
+        if isinstance(loaded, np.ndarray):
+            arrays = {signature.inputs[0].name: loaded}
+        else:
+            arrays = {k: loaded[k] for k in loaded.files}
+        out: dict[str, Any] = {}
+        for spec in signature.inputs:
+            if spec.name not in arrays:
+                raise DataError(f"data.tensors: {p} has no array '{spec.name}' (has: {', '.join(arrays)})")
+            a = np.asarray(arrays[spec.name])
+            if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != tuple(spec.shape[1:]):
+                raise DataError(
+                    f"data.tensors: '{spec.name}' in {p} has shape {list(a.shape)}, expected (N, {list(spec.shape[1:])})"
+                )
+            out[spec.name] = a[:limit].astype(spec.dtype)
+        lk = options.get("labels_key", "labels")
+        if lk in arrays:
+            out["labels"] = np.asarray(arrays[lk][:limit], dtype=np.int64)
+        return out
+
+
+def _read_labels(path: Path) -> dict[str, int]:
+    if not path.is_file():
+        raise DataError(f"data.labels: file {path} does not exist")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            name, idx = (s.strip() for s in line.split(","))
+            out[name] = int(idx)
+        except ValueError as e:
+            raise DataError(f"data.labels: {path}:{n}: expected 'filename,class_index', got '{line}'") from e
+    return out
+
+
+def _center(img: Any, resize: int, crop: int) -> Any:
+    from PIL import Image
+
+    w, h = img.size
+    s = resize / min(w, h)
+    img = img.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def _random_resized(img: Any, crop: int, min_scale: float, rng: np.random.Generator) -> Any:
+    from PIL import Image
+
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.resize((crop, crop), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    side = min(w, h)
+    return img.resize((crop, crop), Image.BILINEAR, box=((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))

@@ -1,0 +1,97 @@
+"""``benchmark``: latency percentiles and throughput of the final artifact, after warm-up."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from accelc.artifacts import RUNNABLE_KINDS, Artifact
+from accelc.pass_api import Pass, PassContext, PassResult, Slot
+from accelc.runners import default_threads
+
+
+def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
+    """p50/p95/p99/mean latency in ms (numpy linear-interpolated percentiles) and throughput
+    in samples/s (``batch / mean latency``) from per-iteration wall times in seconds."""
+    a = np.asarray(seconds) * 1e3
+    mean = float(a.mean())
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": mean,
+        "throughput": batch * 1e3 / mean,
+    }
+
+
+class Benchmark(Pass):
+    """Measure the artifact's latency per batch size on seeded random inputs.
+
+    Each batch size gets ``warmup`` untimed runs, then ``iterations`` timed runs
+    (``time.perf_counter`` around each call, host outputs included). Batch sizes outside
+    the signature's dynamic batch range are skipped and listed. The thread count is
+    recorded (``threads``; default: the CPUs this process may use).
+    """
+
+    name = "benchmark"
+    version = "1"
+    inputs = (Slot("artifact", RUNNABLE_KINDS),)
+    produces = "benchmark.report"
+    final = False
+    env_packages = ("onnxruntime", "torch", "numpy")
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "batch_sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}, "default": [1, 8]},
+            "warmup": {"type": "integer", "minimum": 0, "default": 10},
+            "iterations": {"type": "integer", "minimum": 1, "default": 50},
+            "threads": {"type": "integer", "minimum": 1},
+            "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
+        },
+    }
+
+    def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
+        return {"cpu": host.cpu_model, "cpus": host.cpu_count}
+
+    def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
+        threads = options.get("threads") or default_threads()
+        runner = ctx.runners.make(inputs["artifact"], device=options["device"], threads=threads)
+        spec0 = ctx.signature.inputs[0]
+        bdim = spec0.batch_dim()
+        lo, hi = (bdim.min, bdim.max) if bdim else (spec0.shape[0], spec0.shape[0])
+        rng = np.random.default_rng(0)
+        per_batch: dict[str, Any] = {}
+        skipped = []
+        for bs in options["batch_sizes"]:
+            if not lo <= bs <= hi:
+                skipped.append(bs)
+                continue
+            feeds = {}
+            for spec in ctx.signature.inputs:
+                shape = spec.shape_with(**({spec.batch_dim().name: bs} if spec.batch_dim() else {}))
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            ctx.progress(f"batch {bs}: warm-up")
+            for _ in range(options["warmup"]):
+                runner.run(feeds)
+            times = []
+            ctx.progress(f"batch {bs}: {options['iterations']} timed runs")
+            for _ in range(options["iterations"]):
+                t0 = time.perf_counter()
+                runner.run(feeds)
+                times.append(time.perf_counter() - t0)
+            per_batch[str(bs)] = latency_stats(times, bs)
+        metrics = {
+            "threads": threads,
+            "device": options["device"],
+            "warmup": options["warmup"],
+            "iterations": options["iterations"],
+            "batch": per_batch,
+            "skipped_batch_sizes": skipped,
+            "artifact_kind": inputs["artifact"].kind,
+        }
+        (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return PassResult("metrics.json", metrics=metrics)

@@ -1,0 +1,49 @@
+"""The built-in plugin: accelc's own passes, model and data sources and runners, registered
+through the same hooks as any third-party plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelc.passes.benchmark import Benchmark
+from accelc.passes.cuda_graph import CudaGraph
+from accelc.passes.fusion import FuseModules
+from accelc.passes.loading import LoadData, LoadModel, Reference
+from accelc.passes.onnx_export import ExportOnnx, OnnxSim
+from accelc.passes.quantization import Calibrate, Quantize
+from accelc.passes.tensorrt import TrtEngine
+from accelc.passes.verification import Verify
+from accelc.runners import OrtRunner, TorchRunner
+from accelc.sources.data import ImagesSource, TensorsSource
+from accelc.sources.models import PythonSource, TorchvisionSource
+
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def accelc_register_passes() -> list[Any]:
+    return [
+        LoadModel, LoadData, Reference, FuseModules, ExportOnnx, OnnxSim,
+        Calibrate, Quantize, Verify, Benchmark, TrtEngine, CudaGraph,
+    ]
+
+
+@hookimpl
+def accelc_register_model_sources() -> list[Any]:
+    return [TorchvisionSource, PythonSource]
+
+
+@hookimpl
+def accelc_register_data_sources() -> list[Any]:
+    return [ImagesSource, TensorsSource]
+
+
+@hookimpl
+def accelc_register_runners() -> dict[str, Any]:
+    return {
+        "onnx": OrtRunner,
+        "onnx.qdq": OrtRunner,
+        "torch.module": TorchRunner,
+        "torchscript": TorchRunner,
+        "torch.exported": TorchRunner,
+    }
