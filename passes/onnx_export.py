@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -13,9 +14,21 @@ from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    text = _ANSI.sub("", str(e)).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's first line, plus its ``Caused by: file:line`` when torch gives one."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    text = _ANSI.sub("", str(e))
+    where = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Caused by:")), "")
+    return f"{type(e).__name__}: {_first_line(e)}" + (f" ({where})" if where else "")
 
 
 class ExportOnnx(Pass):
@@ -80,7 +93,7 @@ class ExportOnnx(Pass):
         except Exception as e:
             raise PassError(
                 f"export_onnx: torch.onnx.export failed ({'dynamo' if options['dynamo'] else 'torchscript'} exporter, "
-                f"opset {options['opset']}): {_first_line(e)}"
+                f"opset {options['opset']}): {_root_cause(e)}"
             ) from e
         m = onnx.load(str(out_path))
         try:
