@@ -128,3 +128,15 @@ def test_latency_stats_units():
     s = latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
     assert s["p50_ms"] == pytest.approx(2.5) and s["mean_ms"] == pytest.approx(2.5)
     assert s["throughput"] == pytest.approx(8 / 0.0025)
+
+
+def test_plan_says_why_a_node_is_not_cached(built):
+    from accelc.build import plan
+
+    tmp, _, cache, _ = built
+    steps = ["fuse_modules", "export_onnx", "onnxsim", {"calibrate": {"method": "percentile"}}, "quantize"]
+    graph, nodes = plan(write_tiny_recipe(tmp, "p.yaml", passes=steps), cache_dir=cache, out_dir=tmp / "out")
+    status = {n.id: (n.status, n.reason) for n in nodes}
+    assert status["export_onnx"][0] == "cached"
+    assert status["calibrate"] == ("run", "options changed: method")
+    assert status["quantize"] == ("run", "input changed: table")
