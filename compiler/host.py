@@ -82,7 +82,11 @@ class Host:
         if not torch.cuda.is_available():
             return None
         major, minor = torch.cuda.get_device_capability(0)
-        return {"name": torch.cuda.get_device_name(0), "sm": major * 10 + minor, "count": torch.cuda.device_count()}
+        return {
+            "name": torch.cuda.get_device_name(0),
+            "sm": major * 10 + minor,
+            "count": torch.cuda.device_count(),
+        }
 
     @cached_property
     def tensorrt_version(self) -> str | None:

@@ -114,7 +114,9 @@ class Pass:
         Default: the options minus ``key_ignores``, plus :meth:`key_extras`. Source passes
         override it to use content digests instead of file paths.
         """
-        material: dict[str, Any] = {"options": {k: v for k, v in options.items() if k not in self.key_ignores}}
+        material: dict[str, Any] = {
+            "options": {k: v for k, v in options.items() if k not in self.key_ignores}
+        }
         extras = self.key_extras(options, host)
         if extras:
             material["host"] = extras

@@ -35,14 +35,12 @@ class Registry:
         return self.origin.get((category, name), "?")
 
 
-def _plugin_label(pm: Any, impl: Any) -> str:
-    return impl.plugin_name
-
-
 def _add(reg: Registry, category: str, table: dict[str, Any], name: str, obj: Any, plugin: str) -> None:
     if name in table:
         other = reg.origin[(category, name)]
-        raise PluginError(f"{category[:-1]} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'")
+        raise PluginError(
+            f"{category[:-1]} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'"
+        )
     table[name] = obj
     reg.origin[(category, name)] = plugin
 
@@ -57,7 +55,9 @@ def _check_pass(obj: Any, plugin: str) -> Pass:
     try:
         Draft202012Validator.check_schema(inst.options_schema)
     except SchemaError as e:
-        raise PluginError(f"plugin '{plugin}': pass '{inst.name}' publishes an invalid options schema: {e.message}") from e
+        raise PluginError(
+            f"plugin '{plugin}': pass '{inst.name}' publishes an invalid options schema: {e.message}"
+        ) from e
     return inst
 
 
@@ -81,7 +81,9 @@ def build_registry(pm: Any) -> Registry:
             try:
                 value = impl.function()
             except Exception as e:
-                raise PluginError(f"plugin '{plugin}': hook {hook_name} raised {type(e).__name__}: {e}") from e
+                raise PluginError(
+                    f"plugin '{plugin}': hook {hook_name} raised {type(e).__name__}: {e}"
+                ) from e
             if value is not None:
                 out.append((plugin, value))
         return out
@@ -93,7 +95,9 @@ def build_registry(pm: Any) -> Registry:
     for plugin, items in results("accelc_register_targets"):
         for t in items:
             if not isinstance(t, TargetProfile):
-                raise PluginError(f"plugin '{plugin}': accelc_register_targets returned {t!r}, not a TargetProfile")
+                raise PluginError(
+                    f"plugin '{plugin}': accelc_register_targets returned {t!r}, not a TargetProfile"
+                )
             _add(reg, "targets", reg.targets, t.name, t, plugin)
     for hook, table, base, cat in (
         ("accelc_register_model_sources", reg.model_sources, ModelSource, "model_sources"),
@@ -107,7 +111,9 @@ def build_registry(pm: Any) -> Registry:
                 _add(reg, cat, table, inst.name, inst, plugin)
     for plugin, mapping in results("accelc_register_runners"):
         if not isinstance(mapping, dict):
-            raise PluginError(f"plugin '{plugin}': accelc_register_runners must return a dict, got {mapping!r}")
+            raise PluginError(
+                f"plugin '{plugin}': accelc_register_runners must return a dict, got {mapping!r}"
+            )
         for kind, factory in mapping.items():
             _add(reg, "runners", reg.runners, kind, factory, plugin)
     return reg

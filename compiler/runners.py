@@ -34,7 +34,9 @@ class RunnerFactory:
     def make(self, artifact: Artifact, device: str = "cpu", threads: int | None = None) -> Runner:
         f = self.factories.get(artifact.kind)
         if f is None:
-            raise PassError(f"no runner for artifact kind '{artifact.kind}' (runners: {', '.join(self.factories)})")
+            raise PassError(
+                f"no runner for artifact kind '{artifact.kind}' (runners: {', '.join(self.factories)})"
+            )
         return f(artifact, device=device, threads=threads)
 
 

@@ -70,7 +70,9 @@ class TargetProfile:
     def pipeline(self, runtime: str, precision: str) -> Pipeline:
         """The default pipeline. Raises ``KeyError`` naming what is supported."""
         if runtime not in self.runtimes:
-            raise KeyError(f"target '{self.name}' has no runtime '{runtime}' (has: {', '.join(self.runtimes)})")
+            raise KeyError(
+                f"target '{self.name}' has no runtime '{runtime}' (has: {', '.join(self.runtimes)})"
+            )
         by_prec = self.runtimes[runtime]
         if precision not in by_prec:
             raise KeyError(

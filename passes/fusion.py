@@ -45,7 +45,11 @@ def fold_conv_bn(model: Any) -> tuple[Any, int]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), bns):
             continue
         prev = node.args[0] if node.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or not isinstance(modules.get(prev.target), convs):
+        if (
+            not isinstance(prev, fx.Node)
+            or prev.op != "call_module"
+            or not isinstance(modules.get(prev.target), convs)
+        ):
             continue
         if len(prev.users) > 1:
             continue
@@ -87,7 +91,7 @@ class FuseModules(Pass):
             "on_trace_failure": {
                 "enum": ["error", "skip"],
                 "default": "skip",
-                "description": "A model torch.fx cannot trace: 'skip' passes it on unfused (and says so), 'error' fails.",
+                "description": "Model torch.fx cannot trace: 'skip' passes it on unfused (and says so), 'error' fails.",
             },
         },
     }
@@ -103,7 +107,8 @@ class FuseModules(Pass):
                 raise PassError(f"fuse_modules: torch.fx cannot trace the model: {e}") from e
             torch.save(model, ctx.workdir / "model.pt")
             return PassResult(
-                "model.pt", metrics={"folded_conv_bn": 0, "skipped": f"not fx-traceable: {type(e).__name__}"},
+                "model.pt",
+                metrics={"folded_conv_bn": 0, "skipped": f"not fx-traceable: {type(e).__name__}"},
                 meta=inputs["model"].meta,
             )
         g = torch.Generator().manual_seed(0)
@@ -115,6 +120,10 @@ class FuseModules(Pass):
         diff = float((a - b).abs().max())
         bound = options["atol"] + options["rtol"] * float(a.abs().max())
         if not diff <= bound:
-            raise PassError(f"fuse_modules: fused model differs from the original by {diff:.3g} (> {bound:.3g})")
+            raise PassError(
+                f"fuse_modules: fused model differs from the original by {diff:.3g} (> {bound:.3g})"
+            )
         torch.save(fused, ctx.workdir / "model.pt")
-        return PassResult("model.pt", metrics={"folded_conv_bn": folded, "max_abs_diff": diff}, meta=inputs["model"].meta)
+        return PassResult(
+            "model.pt", metrics={"folded_conv_bn": folded, "max_abs_diff": diff}, meta=inputs["model"].meta
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
@@ -26,7 +25,10 @@ class LoadModel(Pass):
     env_packages = ("torch",)
 
     def key_material(self, options: dict[str, Any], host: Any, sources: Any) -> dict[str, Any]:
-        return {"source": options["source"], "identity": sources.model_sources[options["source"]].identity(options)}
+        return {
+            "source": options["source"],
+            "identity": sources.model_sources[options["source"]].identity(options),
+        }
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         import torch
@@ -34,7 +36,10 @@ class LoadModel(Pass):
         model = ctx.sources.model_sources[options["source"]].load(options)
         torch.save(model, ctx.workdir / "model.pt")
         params = sum(p.numel() for p in model.parameters())
-        meta = {"input_names": ctx.signature.names, "pythonpath": [options["path"]] if options.get("path") else []}
+        meta = {
+            "input_names": ctx.signature.names,
+            "pythonpath": [options["path"]] if options.get("path") else [],
+        }
         return PassResult("model.pt", metrics={"parameters": params}, meta=meta)
 
 
@@ -59,7 +64,11 @@ class LoadData(Pass):
 
     def key_material(self, options: dict[str, Any], host: Any, sources: Any) -> dict[str, Any]:
         spec = options["spec"]
-        return {"role": options["role"], "source": spec["source"], "identity": sources.data_sources[spec["source"]].identity(spec)}
+        return {
+            "role": options["role"],
+            "source": spec["source"],
+            "identity": sources.data_sources[spec["source"]].identity(spec),
+        }
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         spec = options["spec"]

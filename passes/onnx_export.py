@@ -13,7 +13,6 @@ from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -52,7 +51,11 @@ class ExportOnnx(Pass):
         "additionalProperties": False,
         "properties": {
             "opset": {"type": "integer", "minimum": 13, "maximum": 23, "default": 18},
-            "dynamo": {"type": "boolean", "default": True, "description": "torch.export-based exporter (else TorchScript)."},
+            "dynamo": {
+                "type": "boolean",
+                "default": True,
+                "description": "torch.export-based exporter (else TorchScript).",
+            },
             "output_names": {"type": "array", "items": {"type": "string"}, "default": ["output"]},
         },
     }
@@ -69,7 +72,9 @@ class ExportOnnx(Pass):
             shape = spec.shape_with(**sizes)
             g = torch.Generator().manual_seed(0)
             args.append(torch.randn(*shape, generator=g).to(getattr(torch, spec.dtype)))
-            dyn_shapes.append({d.axis: torch.export.Dim(d.name, min=d.min, max=d.max) for d in spec.dynamic} or None)
+            dyn_shapes.append(
+                {d.axis: torch.export.Dim(d.name, min=d.min, max=d.max) for d in spec.dynamic} or None
+            )
             if spec.dynamic:
                 dyn_axes[spec.name] = {d.axis: d.name for d in spec.dynamic}
         out_path = ctx.workdir / "model.onnx"
@@ -121,7 +126,12 @@ class OnnxSim(Pass):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "check_n": {"type": "integer", "minimum": 0, "default": 1, "description": "Random-input comparisons."},
+            "check_n": {
+                "type": "integer",
+                "minimum": 0,
+                "default": 1,
+                "description": "Random-input comparisons.",
+            },
             "skip_fuse_bn": {"type": "boolean", "default": False},
         },
     }
@@ -132,16 +142,23 @@ class OnnxSim(Pass):
 
         m = onnx.load(str(inputs["model"].file))
         before = len(m.graph.node)
-        shapes = {i.name: list(i.shape_with(**{d.name: d.opt for d in i.dynamic})) for i in ctx.signature.inputs}
+        shapes = {
+            i.name: list(i.shape_with(**{d.name: d.opt for d in i.dynamic})) for i in ctx.signature.inputs
+        }
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # onnxsim prints "Checking 0/1..."
                 simplified, ok = onnxsim.simplify(
-                    m, check_n=options["check_n"], skip_fuse_bn=options["skip_fuse_bn"], test_input_shapes=shapes
+                    m,
+                    check_n=options["check_n"],
+                    skip_fuse_bn=options["skip_fuse_bn"],
+                    test_input_shapes=shapes,
                 )
         except Exception as e:
             raise PassError(f"onnxsim: simplification failed: {_first_line(e)}") from e
         if not ok:
-            raise PassError("onnxsim: the simplified graph's outputs differ from the original's on random inputs")
+            raise PassError(
+                "onnxsim: the simplified graph's outputs differ from the original's on random inputs"
+            )
         try:
             onnx.checker.check_model(simplified)
         except onnx.checker.ValidationError as e:

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import numpy as np
-
 from accelc.artifacts import RUNNABLE_KINDS, Artifact
 from accelc.errors import VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
@@ -31,7 +30,9 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
     with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``.
     """
     if ref.shape != out.shape:
-        raise VerificationError(f"output shape {list(out.shape)} differs from the source model's {list(ref.shape)}")
+        raise VerificationError(
+            f"output shape {list(out.shape)} differs from the source model's {list(ref.shape)}"
+        )
     r = ref.reshape(len(ref), -1).astype(np.float64)
     o = out.reshape(len(out), -1).astype(np.float64)
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
@@ -88,8 +89,12 @@ class Verify(Pass):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "tolerances": {"type": "object", "default": {}, "propertyNames": {"enum": list(TOLERANCES)},
-                           "additionalProperties": {"type": "number"}},
+            "tolerances": {
+                "type": "object",
+                "default": {},
+                "propertyNames": {"enum": list(TOLERANCES)},
+                "additionalProperties": {"type": "number"},
+            },
             "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
         },

@@ -31,8 +31,13 @@ def tiny_recipe_dict(**over: Any) -> dict[str, Any]:
     base = {
         "name": "tiny",
         "model": {"source": "python", "callable": "tiny_models:TinyConvNet", "path": str(FIXTURES)},
-        "inputs": [{"name": "input", "shape": [1, 3, 32, 32],
-                    "dynamic": [{"axis": 0, "name": "batch", "min": 1, "opt": 1, "max": 8}]}],
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 32, 32],
+                "dynamic": [{"axis": 0, "name": "batch", "min": 1, "opt": 1, "max": 8}],
+            }
+        ],
         "target": "cpu",
         "precision": "int8",
         "data": {"calibration": {"tensors": "cal.npz"}, "validation": {"tensors": "val.npz"}},

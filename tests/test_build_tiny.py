@@ -9,12 +9,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import FIXTURES, write_tiny_recipe
-
 from accelc.build import build
 from accelc.passes.benchmark import latency_stats
 from accelc.passes.fusion import fold_conv_bn
 from accelc.passes.verification import compare_outputs, tolerance_failures
+from builders import FIXTURES, write_tiny_recipe
 
 sys.path.insert(0, str(FIXTURES))
 from tiny_models import TinyConvNet  # noqa: E402
@@ -93,8 +92,11 @@ def test_changing_one_option_reruns_that_pass_and_downstream(built):
 
 def test_missed_tolerance_fails_with_stage_and_metric(built):
     tmp, _, cache, _ = built
-    r = build(write_tiny_recipe(tmp, "strict.yaml", verify={"tolerances": {"cosine": 0.999999999}}),
-              out_dir=tmp / "strict", cache_dir=cache)
+    r = build(
+        write_tiny_recipe(tmp, "strict.yaml", verify={"tolerances": {"cosine": 0.999999999}}),
+        out_dir=tmp / "strict",
+        cache_dir=cache,
+    )
     assert not r.ok
     msg = str(r.result.failure)
     assert "verify[" in msg and "cosine" in msg and "required >= 1" in msg

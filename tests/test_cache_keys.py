@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import write_tiny_recipe
-
 from accelc.build import prepare
 from accelc.cache import Store
 from accelc.executor import Executor
 from accelc.host import Host
+from builders import write_tiny_recipe
 
 
 def keys(recipe, tmp_path) -> dict[str, str]:
@@ -42,7 +41,10 @@ def test_calibration_method_does_not_touch_export(tmp_path):
 
 def test_tolerance_change_reruns_nothing(tmp_path):
     base = keys(write_tiny_recipe(tmp_path), tmp_path)
-    new = keys(write_tiny_recipe(tmp_path, "b.yaml", verify={"tolerances": {"cosine": 0.5, "top1_agreement": 0.1}}), tmp_path)
+    new = keys(
+        write_tiny_recipe(tmp_path, "b.yaml", verify={"tolerances": {"cosine": 0.5, "top1_agreement": 0.1}}),
+        tmp_path,
+    )
     assert changed(base, new) == set()
 
 
@@ -53,7 +55,13 @@ def test_calibration_data_content_is_in_the_key(tmp_path):
     arr[0, 0, 0, 0] += 1.0  # one value of one sample
     np.savez(tmp_path / "cal.npz", input=arr)
     new = keys(p, tmp_path)
-    assert changed(base, new) == {"load_data[calibration]", "calibrate", "quantize", "verify[quantize]", "benchmark"}
+    assert changed(base, new) == {
+        "load_data[calibration]",
+        "calibrate",
+        "quantize",
+        "verify[quantize]",
+        "benchmark",
+    }
 
 
 def test_model_code_and_signature_are_in_the_key(tmp_path):

@@ -14,7 +14,9 @@ from builders import write_tiny_recipe
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def cache_state(cache: Path) -> tuple[list[str], list[str]]:
@@ -67,18 +69,30 @@ def test_checkpoint_that_is_not_tensors_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
     entries, staging = cache_state(tmp_path / "cache")
     assert staging == []
-    assert not any("load_model" in (tmp_path / "cache" / "entries" / e / "meta.json").read_text() for e in entries)
+    assert not any(
+        "load_model" in (tmp_path / "cache" / "entries" / e / "meta.json").read_text() for e in entries
+    )
 
 
 def test_missing_data_folder(tmp_path):
-    r = build(write_tiny_recipe(tmp_path, data={"calibration": {"tensors": None, "images": "no_such_dir"}}), tmp_path)
+    r = build(
+        write_tiny_recipe(tmp_path, data={"calibration": {"tensors": None, "images": "no_such_dir"}}),
+        tmp_path,
+    )
     assert r.returncode == 2 and "data.images" in r.stderr and "no_such_dir" in r.stderr
     assert cache_state(tmp_path / "cache") == ([], [])
 
 
 def test_model_that_fails_to_export(tmp_path):
-    r = build(write_tiny_recipe(tmp_path, model={"callable": "tiny_models:NotExportable"}, verify={"enabled": False},
-                                benchmark={"enabled": False}), tmp_path)
+    r = build(
+        write_tiny_recipe(
+            tmp_path,
+            model={"callable": "tiny_models:NotExportable"},
+            verify={"enabled": False},
+            benchmark={"enabled": False},
+        ),
+        tmp_path,
+    )
     assert r.returncode == 4, r.stderr
     assert "export_onnx" in r.stderr and "torch.onnx.export failed" in r.stderr
     entries, staging = cache_state(tmp_path / "cache")

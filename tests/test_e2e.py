@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 
 def accelc(args, cwd, cache):
     env = {**os.environ, "ACCELC_CACHE_DIR": str(cache), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_default_recipe_cold_then_warm(tmp_path):

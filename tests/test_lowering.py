@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import pytest
-from builders import REPO, write_tiny_recipe
-
 from accelc.build import prepare
 from accelc.cache import Store
 from accelc.errors import GraphError
 from accelc.executor import Executor
 from accelc.graph import unmet
 from accelc.host import Host, parse_capability
+from builders import REPO, write_tiny_recipe
 
 
 def test_cpu_int8_graph_order_and_wiring(tmp_path):
     graph, _ = prepare(write_tiny_recipe(tmp_path))
     ids = [n.id for n in graph.nodes]
     assert ids == [
-        "load_model", "load_data[calibration]", "load_data[validation]", "reference",
-        "fuse_modules", "export_onnx", "onnxsim", "verify[onnxsim]",
-        "calibrate", "quantize", "verify[quantize]", "benchmark",
+        "load_model",
+        "load_data[calibration]",
+        "load_data[validation]",
+        "reference",
+        "fuse_modules",
+        "export_onnx",
+        "onnxsim",
+        "verify[onnxsim]",
+        "calibrate",
+        "quantize",
+        "verify[quantize]",
+        "benchmark",
     ]
     by = graph.by_id
-    assert by["reference"].inputs == {"model": "load_model", "data": "load_data[validation]"}  # the *source* model
+    assert by["reference"].inputs == {
+        "model": "load_model",
+        "data": "load_data[validation]",
+    }  # the *source* model
     assert by["export_onnx"].inputs == {"model": "fuse_modules"}
     assert by["calibrate"].inputs == {"model": "onnxsim", "data": "load_data[calibration]"}
     assert by["quantize"].inputs == {"model": "onnxsim", "table": "calibrate"}
@@ -32,15 +43,21 @@ def test_cpu_int8_graph_order_and_wiring(tmp_path):
 
 
 def test_stage_tolerances_override_global(tmp_path):
-    p = write_tiny_recipe(tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}})
+    p = write_tiny_recipe(
+        tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}}
+    )
     graph, _ = prepare(p)
     assert graph.by_id["verify[onnxsim]"].options["tolerances"] == {"cosine": 0.9999}
     assert graph.by_id["verify[quantize]"].options["tolerances"] == {"cosine": 0.9}
 
 
 def test_explicit_pass_list_and_verify_after(tmp_path):
-    p = write_tiny_recipe(tmp_path, passes=["export_onnx", "calibrate", "quantize"], verify={"after": ["quantize"]},
-                          benchmark={"enabled": False})
+    p = write_tiny_recipe(
+        tmp_path,
+        passes=["export_onnx", "calibrate", "quantize"],
+        verify={"after": ["quantize"]},
+        benchmark={"enabled": False},
+    )
     graph, _ = prepare(p)
     assert [n.id for n in graph.nodes][-4:] == ["export_onnx", "calibrate", "quantize", "verify[quantize]"]
 

@@ -19,9 +19,21 @@ PKG = Path(__file__).parent / "plugin_pkg"
 def plugin_site(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(site), str(PKG)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(PKG),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert any(p.name.startswith("accelc_example_plugin-0.3.0") for p in site.iterdir())
     return site
@@ -29,13 +41,15 @@ def plugin_site(tmp_path_factory) -> Path:
 
 def accelc(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "accelc.cli", *args], env=env, cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "accelc.cli", *args], env=env, cwd=cwd, capture_output=True, text=True
+    )
 
 
 def test_installed_plugin_pass_is_listed(plugin_site, tmp_path):
     r = accelc(["passes"], plugin_site, tmp_path)
     assert r.returncode == 0, r.stderr
-    line = next(l for l in r.stdout.splitlines() if "strip_doc_strings" in l)
+    line = next(ln for ln in r.stdout.splitlines() if "strip_doc_strings" in ln)
     assert "example" in line  # the plugin's entry-point name
     r = accelc(["plugins"], plugin_site, tmp_path)
     assert "accelc-example-plugin 0.3.0" in r.stdout
@@ -43,7 +57,9 @@ def test_installed_plugin_pass_is_listed(plugin_site, tmp_path):
 
 def test_installed_plugin_pass_runs_in_a_build(plugin_site, tmp_path):
     recipe = write_tiny_recipe(
-        tmp_path, passes=["export_onnx", "strip_doc_strings", "calibrate", "quantize"], benchmark={"enabled": False}
+        tmp_path,
+        passes=["export_onnx", "strip_doc_strings", "calibrate", "quantize"],
+        benchmark={"enabled": False},
     )
     r = accelc(["build", str(recipe), "--out", "out", "--cache-dir", "cache"], plugin_site, tmp_path)
     assert r.returncode == 0, r.stderr
@@ -58,6 +74,7 @@ def test_installed_plugin_pass_runs_in_a_build(plugin_site, tmp_path):
 def test_without_the_plugin_the_recipe_is_rejected(tmp_path):
     recipe = write_tiny_recipe(tmp_path, passes=["export_onnx", "strip_doc_strings"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-m", "accelc.cli", "validate", str(recipe)], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "accelc.cli", "validate", str(recipe)], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unknown pass 'strip_doc_strings'" in r.stderr

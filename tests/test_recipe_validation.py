@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from builders import REPO, tiny_recipe_dict, write_tiny_recipe
-
 from accelc.errors import RecipeError
 from accelc.recipe import load_recipe
 from accelc.registry import default_registry
+from builders import REPO, tiny_recipe_dict, write_tiny_recipe
 
 
 def _load(path, **kw):
@@ -46,7 +45,9 @@ def test_all_problems_reported_at_once_with_json_paths(tmp_path):
 
 
 def test_pass_option_errors_name_the_pass_path(tmp_path):
-    doc = tiny_recipe_dict(passes=["fuse_modules", "export_onnx", "onnxsim", {"calibrate": {"method": "median"}}, "quantize"])
+    doc = tiny_recipe_dict(
+        passes=["fuse_modules", "export_onnx", "onnxsim", {"calibrate": {"method": "median"}}, "quantize"]
+    )
     with pytest.raises(RecipeError) as e:
         _load(_write(tmp_path, doc))
     assert [i.where for i in e.value.issues] == ["passes[3].calibrate.method"]
@@ -85,8 +86,11 @@ def test_model_source_options_checked(tmp_path):
 
 
 def test_dynamic_range_must_be_ordered(tmp_path):
-    doc = tiny_recipe_dict(inputs=[{"name": "input", "shape": [1, 3, 32, 32],
-                                    "dynamic": [{"axis": 0, "min": 4, "opt": 2, "max": 8}]}])
+    doc = tiny_recipe_dict(
+        inputs=[
+            {"name": "input", "shape": [1, 3, 32, 32], "dynamic": [{"axis": 0, "min": 4, "opt": 2, "max": 8}]}
+        ]
+    )
     with pytest.raises(RecipeError) as e:
         _load(_write(tmp_path, doc))
     assert e.value.issues[0].where == "inputs[0].dynamic[0]"

@@ -26,7 +26,10 @@ WEIGHTS_SCHEMA: dict[str, Any] = {
         "file": {"type": "string", "minLength": 1, "description": "Path (relative to the recipe)."},
         "package": {"type": "string", "description": "Python package that ships the file (with 'path')."},
         "path": {"type": "string", "description": "Resource path inside 'package'."},
-        "key": {"type": "string", "description": "Entry of a checkpoint dict holding the state_dict (e.g. state_dict)."},
+        "key": {
+            "type": "string",
+            "description": "Entry of a checkpoint dict holding the state_dict (e.g. state_dict).",
+        },
         "strip_prefix": {"type": "string", "description": "Prefix removed from every key (e.g. 'module.')."},
         "strict": {"type": "boolean", "default": True},
     },
@@ -77,7 +80,9 @@ def resolve_weights_path(weights: dict[str, Any]) -> Path:
         try:
             p = Path(str(resources.files(weights["package"]).joinpath(weights["path"])))
         except ModuleNotFoundError as e:
-            raise ModelSourceError(f"model.weights.package: package '{weights['package']}' is not installed") from e
+            raise ModelSourceError(
+                f"model.weights.package: package '{weights['package']}' is not installed"
+            ) from e
         where = f"model.weights ({weights['package']}/{weights['path']})"
     if not p.is_file():
         raise ModelSourceError(f"{where}: file not found")
@@ -125,7 +130,9 @@ def load_state_dict_into(model: Any, weights: dict[str, Any]) -> None:
     try:
         result = model.load_state_dict(obj, strict=weights.get("strict", True))
     except RuntimeError as e:
-        raise ModelSourceError(f"model.weights: {p} does not match the model: {str(e).splitlines()[0]}") from e
+        raise ModelSourceError(
+            f"model.weights: {p} does not match the model: {str(e).splitlines()[0]}"
+        ) from e
     del result
 
 

@@ -43,8 +43,14 @@ class ImagesSource(DataSource):
         "properties": {
             "source": {"type": "string"},
             "images": {"type": "string", "minLength": 1, "description": "Folder (relative to the recipe)."},
-            "input": {"type": "string", "description": "Model input fed with the images (default: the first)."},
-            "labels": {"type": "string", "description": "CSV 'filename,class_index' (relative to the recipe)."},
+            "input": {
+                "type": "string",
+                "description": "Model input fed with the images (default: the first).",
+            },
+            "labels": {
+                "type": "string",
+                "description": "CSV 'filename,class_index' (relative to the recipe).",
+            },
             "limit": {"type": "integer", "minimum": 1, "description": "Use at most this many samples."},
             "preprocess": {
                 "type": "object",
@@ -104,7 +110,9 @@ class ImagesSource(DataSource):
         input_name = options.get("input") or signature.inputs[0].name
         spec = next((i for i in signature.inputs if i.name == input_name), None)
         if spec is None:
-            raise DataError(f"data.input: model has no input '{input_name}' (inputs: {', '.join(signature.names)})")
+            raise DataError(
+                f"data.input: model has no input '{input_name}' (inputs: {', '.join(signature.names)})"
+            )
         if len(spec.shape) != 4 or spec.shape[1] != 3 or tuple(spec.shape[2:]) != (crop, crop):
             raise DataError(
                 f"data.preprocess.crop: images become (N, 3, {crop}, {crop}) but input '{input_name}' "
@@ -161,7 +169,11 @@ class TensorsSource(DataSource):
         p = Path(options["tensors"])
         if not p.is_file():
             raise DataError(f"data.tensors: file {p} does not exist")
-        return {"sha256": digest_files([p]), "limit": options.get("limit"), "labels_key": options.get("labels_key")}
+        return {
+            "sha256": digest_files([p]),
+            "limit": options.get("limit"),
+            "labels_key": options.get("labels_key"),
+        }
 
     def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
         p = Path(options["tensors"])
@@ -181,7 +193,8 @@ class TensorsSource(DataSource):
             a = np.asarray(arrays[spec.name])
             if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != tuple(spec.shape[1:]):
                 raise DataError(
-                    f"data.tensors: '{spec.name}' in {p} has shape {list(a.shape)}, expected (N, {list(spec.shape[1:])})"
+                    f"data.tensors: '{spec.name}' in {p} has shape {list(a.shape)}, "
+                    f"expected (N, {list(spec.shape[1:])})"
                 )
             out[spec.name] = a[:limit].astype(spec.dtype)
         lk = options.get("labels_key", "labels")
@@ -230,4 +243,6 @@ def _random_resized(img: Any, crop: int, min_scale: float, rng: np.random.Genera
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             return img.resize((crop, crop), Image.BILINEAR, box=(x, y, x + cw, y + ch))
     side = min(w, h)
-    return img.resize((crop, crop), Image.BILINEAR, box=((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+    return img.resize(
+        (crop, crop), Image.BILINEAR, box=((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+    )

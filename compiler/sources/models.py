@@ -101,7 +101,10 @@ class PythonSource(ModelSource):
         "properties": {
             **_COMMON,
             "callable": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"},
-            "path": {"type": "string", "description": "Directory added to sys.path (relative to the recipe)."},
+            "path": {
+                "type": "string",
+                "description": "Directory added to sys.path (relative to the recipe).",
+            },
         },
     }
 
@@ -147,7 +150,9 @@ class PythonSource(ModelSource):
         try:
             model = obj(**options.get("kwargs", {}))
         except Exception as e:
-            raise ModelSourceError(f"model.callable: {options['callable']}(...) raised {type(e).__name__}: {e}") from e
+            raise ModelSourceError(
+                f"model.callable: {options['callable']}(...) raised {type(e).__name__}: {e}"
+            ) from e
         return _finish(model, options, options["callable"])
 
 
