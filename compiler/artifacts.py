@@ -18,6 +18,7 @@ benchmark.report     ``metrics.json``
 torchscript          ``model.ts``
 torch.exported       ``model.pt2``
 trt.engine           ``model.engine``: serialized TensorRT engine
+trt.timing_cache     ``timing.cache``: serialized TensorRT timing cache (empty: no timings yet)
 runtime.config       ``runtime.json``: how the loader rebuilds the runtime (CUDA graphs, ...)
 ==================== ===========================================================
 """

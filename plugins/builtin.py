@@ -11,9 +11,11 @@ from accelc.passes.fusion import FuseModules
 from accelc.passes.loading import LoadData, LoadModel, Reference
 from accelc.passes.onnx_export import ExportOnnx, OnnxSim
 from accelc.passes.quantization import Calibrate, Quantize
-from accelc.passes.tensorrt import TrtEngine
+from accelc.passes.tensorrt import TrtEngine, TrtEngineRunner, TrtTimingCache
+from accelc.passes.torch_runtime import Export, Script, ToHalf, Trace
 from accelc.passes.verification import Verify
 from accelc.runners import OrtRunner, TorchRunner
+from accelc.runtime import RuntimeConfigRunner
 from accelc.sources.data import ImagesSource, TensorsSource
 from accelc.sources.models import PythonSource, TorchvisionSource
 
@@ -24,7 +26,8 @@ from .hookspecs import hookimpl
 def accelc_register_passes() -> list[Any]:
     return [
         LoadModel, LoadData, Reference, FuseModules, ExportOnnx, OnnxSim,
-        Calibrate, Quantize, Verify, Benchmark, TrtEngine, CudaGraph,
+        Calibrate, Quantize, Verify, Benchmark, TrtTimingCache, TrtEngine, CudaGraph,
+        ToHalf, Trace, Script, Export,
     ]
 
 
@@ -46,4 +49,6 @@ def accelc_register_runners() -> dict[str, Any]:
         "torch.module": TorchRunner,
         "torchscript": TorchRunner,
         "torch.exported": TorchRunner,
+        "trt.engine": TrtEngineRunner,
+        "runtime.config": RuntimeConfigRunner,
     }

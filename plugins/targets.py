@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from accelc.passes.tensorrt import SUPPORTED_TENSORRT
 from accelc.targets import Pipeline, TargetProfile
 
 from .hookspecs import hookimpl
@@ -27,34 +28,78 @@ CPU = TargetProfile(
     },
 )
 
+#: TensorRT releases the GPU profiles accept (``trt_engine`` checks the installed one): see
+#: :data:`accelc.passes.tensorrt.SUPPORTED_TENSORRT` and docs/gpu.md for the support matrix.
+TENSORRT_VERSIONS = SUPPORTED_TENSORRT
+
 #: TensorRT INT8 by explicit quantization: symmetric s8 activations and per-channel
-#: symmetric s8 weights in Q/DQ form (TensorRT's placement rules), entropy calibration.
+#: symmetric s8 weights in Q/DQ form (TensorRT's placement rules), entropy calibration,
+#: all with onnxruntime.quantization (docs/gpu.md says why not ModelOpt). The timing cache
+#: is its own artifact, fed to the engine build.
 _TRT_INT8 = Pipeline.of(
     "fuse_modules", "export_onnx", "onnxsim",
     ("calibrate", {"method": "entropy", "symmetric": True}),
     ("quantize", {"activation_type": "int8", "weight_type": "int8", "per_channel": True,
                   "activation_symmetric": True, "weight_symmetric": True}),
-    "trt_engine", "cuda_graph",
-    verify_after=("onnxsim", "quantize", "trt_engine"),
+    "trt_timing_cache", ("trt_engine", {"tensorrt_versions": TENSORRT_VERSIONS}), "cuda_graph",
+    verify_after=("onnxsim", "quantize", "trt_engine", "cuda_graph"),
 )
+#: TensorRT FP32: the float ONNX graph, strongly typed (no reduced precision anywhere).
+_TRT_FP32 = Pipeline.of(
+    "fuse_modules", "export_onnx", "onnxsim",
+    "trt_timing_cache", ("trt_engine", {"tensorrt_versions": TENSORRT_VERSIONS}), "cuda_graph",
+    verify_after=("onnxsim", "trt_engine", "cuda_graph"),
+)
+#: PyTorch FP16: BN folded, weights cast to float16, torch.export, CUDA graphs at load.
+_TORCH_FP16 = Pipeline.of(
+    "fuse_modules", ("to_half", {"dtype": "float16"}), "export", "cuda_graph",
+    verify_after=("to_half", "export", "cuda_graph"),
+)
+#: PyTorch FP32: BN folded, torch.export, CUDA graphs at load.
+_TORCH_FP32 = Pipeline.of("fuse_modules", "export", "cuda_graph", verify_after=("export", "cuda_graph"))
+
+_GPU_RUNTIMES = {
+    "tensorrt": {"int8": _TRT_INT8, "fp32": _TRT_FP32},
+    "torch": {"fp16": _TORCH_FP16, "fp32": _TORCH_FP32},
+}
 
 
 def _gpu(name: str, description: str, sm: tuple[int, int]) -> TargetProfile:
+    """A profile for one GPU architecture. ``sm==XY`` is required of every node that runs on the
+    GPU: an engine (and its timings) belongs to the device that built it."""
     return TargetProfile(
         name=name,
         description=description,
         device="cuda",
-        capabilities=("cuda", f"sm>={sm[0] * 10 + sm[1]}"),
+        capabilities=("cuda", f"sm=={sm[0] * 10 + sm[1]}"),
         compute_capability=sm,
         default_runtime="tensorrt",
         execution_provider="TensorrtExecutionProvider",
-        runtimes={"tensorrt": {"int8": _TRT_INT8}},
+        runtimes=_GPU_RUNTIMES,
+        notes=f"TensorRT {TENSORRT_VERSIONS}",
     )
 
 
-T4 = _gpu("t4", "NVIDIA T4 (Turing, sm_75), TensorRT, INT8", (7, 5))
+T4 = _gpu("t4", "NVIDIA T4 (Turing, sm_75), TensorRT INT8 or PyTorch FP16", (7, 5))
+A100 = _gpu("a100", "NVIDIA A100 (Ampere, sm_80), TensorRT INT8 or PyTorch FP16", (8, 0))
+H100 = _gpu("h100", "NVIDIA H100 (Hopper, sm_90), TensorRT INT8 or PyTorch FP16", (9, 0))
+
+#: Whatever CUDA device this host has: no compute capability is required (TensorRT itself
+#: needs sm_75+); the GPU found (name, compute capability) enters every device-bound cache key
+#: and the build's report. PyTorch is the default runtime: it needs nothing beyond torch.
+CUDA = TargetProfile(
+    name="cuda",
+    description="the CUDA device this host has (read at build time), PyTorch FP16 or TensorRT INT8",
+    device="cuda",
+    capabilities=("cuda",),
+    compute_capability=None,
+    default_runtime="torch",
+    execution_provider="CUDAExecutionProvider",
+    runtimes=_GPU_RUNTIMES,
+    notes=f"TensorRT {TENSORRT_VERSIONS}",
+)
 
 
 @hookimpl
 def accelc_register_targets() -> list[Any]:
-    return [CPU, T4]
+    return [CPU, T4, A100, H100, CUDA]
