@@ -23,6 +23,9 @@ def test_environment_yml_pins_equal_pyproject_pins():
     pinned = {p for p in pip_section if not p.startswith("-")}
     assert pinned == declared
     assert all("==" in p for p in declared), "every dependency is pinned exactly"
+    text = (REPO / "environment.yml").read_text()
+    for pin in proj["optional-dependencies"]["gpu"]:  # the GPU section is commented out: CPU hosts skip it
+        assert f"# - {pin}" in text
 
 
 def test_wheel_holds_only_the_accelc_namespace(tmp_path):
