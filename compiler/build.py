@@ -1,6 +1,11 @@
 """The build pipeline as a library: recipe -> graph -> plan -> execute -> out dir.
 
 ``accelc build`` and ``accelc plan`` are thin wrappers around :func:`build` and :func:`plan`.
+
+Publishing into the out dir is serialised by a lock file (``.accelc-out.lock``) so that
+concurrent builds into one out dir never interleave; the previous ``accelc.lock`` is
+removed before the new artifact is copied in and the new one is written last, so an out
+dir whose lock file is present always describes the files next to it.
 """
 
 from __future__ import annotations
@@ -11,14 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import Store, default_root
+from filelock import FileLock
+
+from .cache import Store, default_root, is_no_space, size_limit_from_env
 from .errors import AccelcError
 from .executor import BuildResult, Executor, PlannedNode, Reporter, copy_artifact
 from .graph import PassGraph, lower
 from .host import Host
 from .recipe import load_recipe
 from .registry import default_registry
-from .report import build_lock, build_report, read_lock, write_outputs
+from .report import LOCK_NAME, build_lock, build_report, read_lock, write_outputs
+
+#: Lock file inside an out dir, held while a build publishes its artifact and reports there.
+OUT_LOCK = ".accelc-out.lock"
+#: Report files a build writes into its out dir (:mod:`accelc.report`).
+REPORT_FILES = ("report.json", "report.md", LOCK_NAME)
+
+
+class OutputError(AccelcError):
+    """The out dir cannot be written (disk full, permissions); nothing half-written is left there."""
+
+    exit_code = 6
 
 
 @dataclass
@@ -70,39 +88,76 @@ def build(
     reporter: Reporter | None = None,
     host: Host | None = None,
     registry: Any = None,
+    cache_max_bytes: int | None = None,
 ) -> BuildOutcome:
     """Build a recipe. The out dir gets the final artifact, ``report.json``, ``report.md`` and
     ``accelc.lock``; on failure it gets the reports (status ``failed``) and no artifact.
 
     With ``no_cache`` the build uses a private, temporary store: nothing is read from or
-    written to the shared cache.
+    written to the shared cache. ``cache_max_bytes`` (default: ``$ACCELC_CACHE_MAX_MIB``)
+    bounds the shared store: after the build, least-recently-used entries are evicted until
+    it fits, never the ones this build used.
 
     Raises:
-        RecipeError, GraphError: before anything runs. Build failures (a pass error, a missed
-        tolerance, a missing capability) do not raise: they are in ``outcome.result.failure``.
+        RecipeError, GraphError: before anything runs. DataError, ModelSourceError: a source
+        cannot compute its identity (missing or empty data folder, missing weights file),
+        before anything runs. CacheError: the store is unusable. OutputError: the out dir
+        cannot be written. Build failures (a pass error, a missed tolerance, a missing
+        capability, a full disk while a pass writes) do not raise: they are in
+        ``outcome.result.failure``.
     """
     graph, registry = prepare(recipe_path, target, registry)
     out = Path(out_dir) if out_dir else default_out_dir(graph)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_store = Path(tempfile.mkdtemp(prefix="accelc-nocache-")) if no_cache else None
+    limit = None if no_cache else (cache_max_bytes if cache_max_bytes is not None else size_limit_from_env())
+    tmp_store: Path | None = None
     try:
+        if no_cache:
+            try:
+                tmp_store = Path(tempfile.mkdtemp(prefix="accelc-nocache-"))
+            except OSError as e:
+                raise OutputError(f"cannot create a private store for --no-cache: {e}") from e
         store = Store(tmp_store or cache_dir or default_root())
-        ex = Executor(graph, registry, store, host or Host(), reporter)
-        previous = read_lock(out)
+        ex = Executor(graph, registry, store, host or Host(), reporter)  # source identities: may raise
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create out dir {out}: {e.strerror or e}") from e
         result = ex.build()
-        files: list[str] = []
-        stale = (previous or {}).get("final", {}).get("files", [])
-        if result.final is not None:
-            files = copy_artifact(result.final, out)
-        for name in stale:  # a previous build's deliverable that this build did not replace
-            if name not in files and (out / name).is_file():
-                (out / name).unlink()
-        report = build_report(ex, result, files)
-        write_outputs(out, report, build_lock(ex, result, report))
+        report = _publish(ex, result, out)
+        if limit is not None:
+            store.gc(limit, keep={ex.key(n.id) for n in graph.nodes})
         return BuildOutcome(report, out, result)
     finally:
         if tmp_store is not None:
             shutil.rmtree(tmp_store, ignore_errors=True)
 
 
-__all__ = ["AccelcError", "BuildOutcome", "build", "plan", "prepare"]
+def _publish(ex: Executor, result: BuildResult, out: Path) -> dict[str, Any]:
+    """Copy the final artifact (checked against its digests) and write the reports, under the out dir's lock."""
+    try:
+        with FileLock(str(out / OUT_LOCK)):
+            previous = read_lock(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)  # the old lock must not describe the new files
+            files: list[str] = []
+            if result.final is not None:
+                info = ex.store.lookup(ex.key(ex.graph.final))
+                expected = info.meta.get("files") if info is not None else None
+                try:
+                    files = copy_artifact(result.final, out, expected)
+                except AccelcError as e:
+                    result.final, result.failure = None, e
+            stale = (previous or {}).get("final", {}).get("files", [])
+            for name in stale:  # a previous build's deliverable that this build did not replace
+                if name not in files and (out / name).is_file():
+                    (out / name).unlink()
+            report = build_report(ex, result, files)
+            write_outputs(out, report, build_lock(ex, result, report))
+            return report
+    except OSError as e:
+        for name in REPORT_FILES:
+            (out / f".{name}.tmp").unlink(missing_ok=True)  # accelc.report's temporary names
+        what = "disk full" if is_no_space(e) else (e.strerror or str(e))
+        raise OutputError(f"cannot write the build's outputs into {out}: {what}; no lock file was left there") from e
+
+
+__all__ = ["AccelcError", "BuildOutcome", "OutputError", "build", "plan", "prepare"]

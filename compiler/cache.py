@@ -3,7 +3,8 @@
 Layout under the store root (default: the user cache dir, ``$ACCELC_CACHE_DIR`` or
 ``--cache-dir`` override it)::
 
-    entries/<key>/meta.json    kind, primary file, per-file sha256, tree digest, metrics
+    entries/<key>/meta.json    kind, primary file, per-file sha256, tree digest, metrics,
+                               and ``meta_sha256``, a digest of meta.json's own content
     entries/<key>/<payload>    the files the pass wrote
     tmp/<key>.<random>/        staging while a pass runs (never trusted)
     locks/<key>.lock           one builder per key at a time
@@ -12,33 +13,45 @@ Guarantees:
 
 * **Atomic writes.** A pass writes into a staging dir; ``commit`` hashes the files,
   writes ``meta.json`` last and renames the dir into ``entries/`` in one ``rename``.
-  An interrupted build leaves only staging dirs, which nothing reads.
-* **One builder per key.** ``lock(key)`` is a ``filelock`` lock; a second build of
-  the same key waits, then finds the entry and reuses it.
-* **Checked reads.** ``open(key)`` re-hashes every file and compares with
-  ``meta.json``; a mismatch raises :class:`CorruptEntryError` and the executor
-  evicts and rebuilds the entry.
+  An interrupted build (SIGINT, SIGKILL, power loss before the rename) leaves only
+  staging dirs, which nothing reads; ``gc`` removes the orphaned ones.
+* **One builder per key.** ``lock(key)`` is a ``filelock`` lock (``flock``, released by
+  the kernel when its holder dies); a second build of the same key waits, then finds
+  the entry and reuses it.
+* **Checked reads.** ``lookup`` trusts ``meta.json`` only when its own digest matches;
+  ``open(key)`` also re-hashes every payload file and compares with ``meta.json``; a
+  mismatch raises :class:`CorruptEntryError` and the executor evicts and rebuilds the entry.
+* **Bounded size.** ``gc(max_bytes)`` evicts least-recently-used entries (use = a build
+  looked the entry up or opened it; ``verify_all`` and ``list`` do not count).
+* **Full disk.** A write that fails with ``ENOSPC`` raises :class:`CacheError` saying so,
+  and the half-written staging dir is removed.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .artifacts import Artifact, file_digests, tree_digest
 from .errors import CacheError, CorruptEntryError
 
 META = "meta.json"
 ENV_VAR = "ACCELC_CACHE_DIR"
+#: Environment variable holding the store's size limit in MiB (``accelc cache gc`` and builds honour it).
+MAX_SIZE_ENV_VAR = "ACCELC_CACHE_MAX_MIB"
+#: ``errno`` values that mean "no space left" (disk full, or the user's quota is spent).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def default_root() -> Path:
@@ -50,9 +63,51 @@ def default_root() -> Path:
     return Path(platformdirs.user_cache_dir("accelc"))
 
 
+def size_limit_from_env() -> int | None:
+    """The size limit in bytes from ``$ACCELC_CACHE_MAX_MIB``, or ``None`` when unset.
+
+    Raises:
+        CacheError: the variable is set but is not a non-negative number.
+    """
+    text = os.environ.get(MAX_SIZE_ENV_VAR, "").strip()
+    if not text:
+        return None
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0 or mib == float("inf"):
+        raise CacheError(f"{MAX_SIZE_ENV_VAR}={text!r}: expected a size in MiB (a number >= 0)")
+    return int(mib * 2**20)
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is an ``OSError`` meaning the disk is full."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in NO_SPACE:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` without its ``meta_sha256`` field, over canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def safe_relative(name: str) -> bool:
+    """Whether ``name`` is a relative path that stays inside its directory (no ``..``, not absolute)."""
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
 @dataclass(frozen=True)
 class EntryInfo:
-    """What ``meta.json`` says about an entry (no digest check)."""
+    """What ``meta.json`` says about an entry (its own digest checked, payload files not re-hashed)."""
 
     key: str
     meta: dict[str, Any]
@@ -79,18 +134,28 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------------
     def lookup(self, key: str) -> EntryInfo | None:
-        """The entry's metadata if a committed entry exists (files are not re-hashed here)."""
+        """The entry's metadata if a committed entry with an intact ``meta.json`` exists.
+
+        Payload files are not re-hashed here (``open`` does that); ``meta.json`` itself is
+        checked against the digest it carries, so changed metrics or digests are not trusted.
+        """
         path = self.entries / key
         try:
             meta = json.loads((path / META).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(meta, dict) or meta.get("key") != key:
+        if not isinstance(meta, dict) or meta.get("key") != key or meta.get("meta_sha256") != meta_digest(meta):
             return None
         return EntryInfo(key, meta, path)
 
-    def open(self, key: str, verify: bool = True) -> Artifact:
+    def has_debris(self, key: str) -> bool:
+        """Whether ``entries/<key>`` exists but is not a readable entry (its ``meta.json`` is gone or changed)."""
+        return os.path.lexists(self.entries / key) and self.lookup(key) is None
+
+    def open(self, key: str, verify: bool = True, touch: bool = True) -> Artifact:
         """The entry as an :class:`Artifact`, after checking every file against its recorded sha256.
+
+        ``touch`` records the use for least-recently-used eviction.
 
         Raises:
             CorruptEntryError: the entry is missing files, has extra or changed bytes, or bad metadata.
@@ -100,17 +165,24 @@ class Store:
             raise CorruptEntryError(f"cache entry {key[:12]} has no readable {META}")
         meta = info.meta
         if verify:
-            actual = file_digests(info.path, exclude=(META,))
+            try:
+                actual = file_digests(info.path, exclude=(META,))
+            except OSError as e:  # a file vanished or became unreadable while hashing
+                raise CorruptEntryError(f"cache entry {key[:12]} ({meta.get('node', '?')}) cannot be read: {e}") from e
             expected = meta.get("files", {})
-            if actual != expected:
+            links = [p.name for p in info.path.rglob("*") if p.is_symlink()]
+            if actual != expected or links:
                 changed = sorted(
-                    set(k for k in expected if actual.get(k) != expected[k]) | (set(actual) - set(expected))
+                    set(k for k in expected if actual.get(k) != expected[k])
+                    | (set(actual) - set(expected))
+                    | set(links)
                 )
                 raise CorruptEntryError(
                     f"cache entry {key[:12]} ({meta.get('node', '?')}) does not match its recorded digest: "
                     f"{', '.join(changed) or 'files'} changed or missing"
                 )
-        self.touch(key)
+        if touch:
+            self.touch(key)
         return Artifact(
             kind=meta["kind"], path=info.path, main=meta["main"], digest=meta["digest"], meta=meta.get("meta", {})
         )
@@ -124,26 +196,52 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------
     def lock(self, key: str, timeout: float = -1) -> FileLock:
-        """An inter-process lock for building ``key``."""
+        """An inter-process lock for building ``key``. Not re-entrant across lock objects:
+        a process must not take the same key's lock twice."""
         return FileLock(str(self.locks / f"{key}.lock"), timeout=timeout)
 
     def staging(self, key: str) -> Path:
-        """A fresh, empty staging dir for building ``key``."""
+        """A fresh, empty staging dir for building ``key``.
+
+        Raises:
+            CacheError: the directory cannot be created (disk full, read-only store).
+        """
         d = self.tmp / f"{key}.{uuid.uuid4().hex[:8]}"
-        d.mkdir(parents=True)
+        try:
+            d.mkdir(parents=True)
+        except OSError as e:
+            raise self._write_error(key, e) from e
         return d
+
+    def _write_error(self, key: str, e: OSError) -> CacheError:
+        if e.errno in NO_SPACE:
+            return CacheError(
+                f"disk full while writing cache entry {key[:12]} under {self.root}; nothing of it was kept. "
+                "Free space (e.g. `accelc cache gc --max-size MIB`) and build again"
+            )
+        return CacheError(f"cannot write cache entry {key[:12]} under {self.root}: {e}")
 
     def commit(self, key: str, staging: Path, kind: str, main: str, record: dict[str, Any]) -> Artifact:
         """Seal ``staging`` as entry ``key`` (hash files, write meta.json, rename into place).
 
-        If another process committed ``key`` meanwhile, its entry wins and ``staging`` is discarded.
+        If another process committed ``key`` meanwhile, its entry wins and ``staging`` is
+        discarded. A broken leftover at ``entries/<key>`` (no readable meta.json) is replaced;
+        callers hold ``lock(key)``, so nobody else is writing it.
 
         Raises:
-            CacheError: the disk filled up or the store is not writable; ``staging`` is removed.
+            CacheError: ``main`` is not a file inside ``staging``, the output holds a symlink or
+                special file, or the disk filled up / the store is not writable; ``staging`` is removed.
         """
-        if not (staging / main).exists():
-            raise CacheError(f"pass output has no primary file '{main}' in {staging}")
         try:
+            if not safe_relative(main) or not (staging / main).is_file() or (staging / main).is_symlink():
+                raise CacheError(f"pass output has no primary file '{main}' in {staging}")
+            for p in staging.rglob("*"):
+                mode = p.lstat().st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise CacheError(
+                        f"pass output {p.relative_to(staging)} is a symlink or special file; "
+                        "artifacts hold regular files only"
+                    )
             files = file_digests(staging, exclude=(META,))
             digest = tree_digest(files)
             size = sum((staging / f).stat().st_size for f in files)
@@ -157,71 +255,122 @@ class Store:
                 "created": time.time(),
                 **record,
             }
-            (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            meta = json.loads(json.dumps(meta, default=str))  # what will be read back
+            meta["meta_sha256"] = meta_digest(meta)
+            (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
             target = self.entries / key
-            try:
-                os.rename(staging, target)
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)  # a concurrent builder won; use its entry
+            for attempt in range(2):
+                try:
+                    os.rename(staging, target)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                        raise
+                    if attempt == 0 and self.has_debris(key):
+                        self.evict(key)  # a broken leftover, not a concurrent builder's entry
+                        continue
+                    shutil.rmtree(staging, ignore_errors=True)  # a concurrent builder won; use its entry
+                    break
+        except CacheError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
-                raise CacheError(f"disk full while writing cache entry {key[:12]} under {self.root}") from e
-            raise CacheError(f"cannot write cache entry {key[:12]} under {self.root}: {e}") from e
+            raise self._write_error(key, e) from e
         return self.open(key, verify=False)
 
     def evict(self, key: str) -> None:
         """Remove an entry: renamed out of ``entries/`` first, so no reader sees it half-deleted."""
         src = self.entries / key
-        if not src.exists():
+        if not os.path.lexists(src):
             return
         trash = self.tmp / f"evicted.{key}.{uuid.uuid4().hex[:8]}"
         try:
             os.rename(src, trash)
         except OSError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
 
     # -- listing and maintenance -------------------------------------------------------------
     def list(self) -> list[EntryInfo]:
-        """Every committed entry, most recently used first."""
+        """Every committed entry, most recently used first (listing does not count as use)."""
         out = []
         for d in self.entries.iterdir():
             info = self.lookup(d.name)
-            if info is not None:
-                out.append(info)
-        return sorted(out, key=lambda e: (e.path.stat().st_mtime if e.path.exists() else 0), reverse=True)
+            if info is None:
+                continue
+            try:
+                used = info.path.stat().st_mtime
+            except OSError:  # evicted meanwhile
+                continue
+            out.append((used, info))
+        return [info for _, info in sorted(out, key=lambda t: t[0], reverse=True)]
 
     def clear(self) -> int:
-        """Remove every entry and stale staging dir; returns the number of entries removed."""
+        """Remove every entry and stale staging dir (a running builder's staging dir is left
+        to it); returns the number of entries removed."""
         n = 0
         for d in list(self.entries.iterdir()):
             self.evict(d.name)
             n += 1
-        for d in list(self.tmp.iterdir()):
-            shutil.rmtree(d, ignore_errors=True)
+        self.sweep()
         return n
 
     def verify_all(self) -> list[tuple[str, str]]:
-        """Re-hash every entry. Returns ``[(key, problem)]`` for the corrupt ones (empty when healthy)."""
+        """Re-hash every entry. Returns ``[(key, problem)]`` for the corrupt ones (empty when healthy).
+
+        Checking is not use: entries keep their least-recently-used order.
+        """
         bad = []
         for d in sorted(self.entries.iterdir()):
             try:
-                self.open(d.name, verify=True)
+                self.open(d.name, verify=True, touch=False)
             except CorruptEntryError as e:
                 bad.append((d.name, str(e)))
         return bad
 
-    def gc(self, max_bytes: int) -> list[str]:
-        """Evict least-recently-used entries until the store holds at most ``max_bytes``; returns evicted keys."""
+    def total_bytes(self) -> int:
+        """Payload bytes of every readable entry, as recorded in their ``meta.json``."""
+        return sum(e.size_bytes for e in self.list())
+
+    def sweep(self) -> list[str]:
+        """Remove debris: entry dirs without a readable ``meta.json`` and staging dirs no live
+        builder holds (left by a killed build). Returns the removed names."""
+        removed = []
+        for d in list(self.entries.iterdir()):
+            if self.has_debris(d.name):
+                self.evict(d.name)
+                removed.append(f"entries/{d.name}")
+        for d in list(self.tmp.iterdir()):
+            key = d.name.split(".", 1)[0]
+            if d.name.startswith("evicted."):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"tmp/{d.name}")
+                continue
+            try:
+                with self.lock(key, timeout=0):  # held only while a builder is writing this staging dir
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(f"tmp/{d.name}")
+            except Timeout:
+                pass
+        return removed
+
+    def gc(self, max_bytes: int, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Remove debris (see :meth:`sweep`), then evict least-recently-used entries until the
+        store holds at most ``max_bytes``. Entries in ``keep`` are never evicted (a build keeps
+        what it just used). Returns the evicted keys."""
+        self.sweep()
         entries = self.list()
         total = sum(e.size_bytes for e in entries)
         evicted = []
         for e in reversed(entries):
             if total <= max_bytes:
                 break
+            if e.key in keep:
+                continue
             self.evict(e.key)
             total -= e.size_bytes
             evicted.append(e.key)

@@ -23,22 +23,40 @@ def _fail(e: AccelcError) -> None:
     sys.exit(e.exit_code)
 
 
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 class _Group(click.Group):
-    """Turns AccelcError into a clean message and exit code; anything else keeps its traceback."""
+    """Turns AccelcError into a clean message and exit code; anything else keeps its traceback.
+
+    Ctrl-C exits 130 with a one-line note: every pass that completed is in the cache, and
+    the interrupted one left nothing a later build would trust.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AccelcError as e:
             _fail(e)
+        except KeyboardInterrupt:
+            console.print(
+                "[yellow]interrupted[/]: completed passes stay cached; the interrupted one left nothing behind"
+            )
+            sys.exit(EXIT_INTERRUPTED)
 
 
 def _summary(metrics: dict[str, Any]) -> str:
     if "top1_agreement" in metrics:
-        return f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, max abs err {metrics['max_abs_error']:.3g}"
+        return (
+            f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, "
+            f"max abs err {metrics['max_abs_error']:.3g}"
+        )
     if "batch" in metrics:
-        parts = [f"bs{bs}: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['throughput']:.0f}/s"
-                 for bs, b in metrics["batch"].items()]
+        parts = [
+            f"bs{bs}: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['throughput']:.0f}/s"
+            for bs, b in metrics["batch"].items()
+        ]
         return "; ".join(parts) + f" ({metrics.get('threads')} threads)"
     keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(keep.items())[:4])
@@ -97,7 +115,9 @@ def main() -> None:
 
 
 _cache_opt = click.option(
-    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="ACCELC_CACHE_DIR",
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="ACCELC_CACHE_DIR",
     help="Artifact store (default: the user cache dir; env ACCELC_CACHE_DIR).",
 )
 _target_opt = click.option("--target", "-t", help="Override the recipe's target (see `accelc targets`).")
@@ -106,12 +126,21 @@ _target_opt = click.option("--target", "-t", help="Override the recipe's target 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_target_opt
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory (default: build/<recipe name>).")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory (default: build/<recipe name>).",
+)
 @_cache_opt
-@click.option("--no-cache", is_flag=True, help="Rebuild every pass in a private store; the shared cache is not touched.")
+@click.option(
+    "--no-cache", is_flag=True, help="Rebuild every pass in a private store; the shared cache is not touched."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout when done.")
-def build(recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Path | None, no_cache: bool, as_json: bool) -> None:
+def build(
+    recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Path | None, no_cache: bool, as_json: bool
+) -> None:
     """Build RECIPE: run every pass (or reuse it from the cache), verify, benchmark.
 
     \b
@@ -123,18 +152,30 @@ def build(recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Pat
     from .build import build as run_build
 
     reporter = RichReporter(console)
-    outcome = run_build(recipe, target=target, out_dir=out_dir, cache_dir=cache_dir, no_cache=no_cache, reporter=reporter)
+    outcome = run_build(
+        recipe, target=target, out_dir=out_dir, cache_dir=cache_dir, no_cache=no_cache, reporter=reporter
+    )
     rep = outcome.report
-    table = Table(title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}", title_justify="left")
+    table = Table(
+        title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}", title_justify="left"
+    )
     for col in ("stage", "status", "cached", "s", "result"):
         table.add_column(col, overflow="fold")
     for s in rep["stages"]:
-        table.add_row(escape(s["node"]), s["status"], "yes" if s["cached"] else "no", f"{s['seconds']:.2f}", _summary(s["metrics"]))
+        table.add_row(
+            escape(s["node"]),
+            s["status"],
+            "yes" if s["cached"] else "no",
+            f"{s['seconds']:.2f}",
+            _summary(s["metrics"]),
+        )
     console.print(table)
     if as_json:
         out.print_json(json.dumps(rep, default=str))
     if outcome.ok:
-        console.print(f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})")
+        console.print(
+            f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
+        )
     else:
         _fail(outcome.result.failure)  # type: ignore[arg-type]
 
@@ -143,16 +184,23 @@ def build(recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Pat
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_target_opt
 @_cache_opt
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Out dir whose accelc.lock explains why nodes are not cached.")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Out dir whose accelc.lock explains why nodes are not cached.",
+)
 def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None) -> None:
     """Show RECIPE's pass graph in execution order: each node's inputs, cache key, whether it is
     cached, and whether it can run on this host (and if not, why). Runs nothing."""
     from .build import plan as run_plan
 
     graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir)
-    t = Table(title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
-              title_justify="left")
+    t = Table(
+        title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
+        title_justify="left",
+    )
     for col in ("#", "node", "inputs", "produces", "key", "status", "why"):
         t.add_column(col, overflow="fold")
     style = {"cached": "cyan", "run": "green", "blocked": "yellow"}
@@ -160,13 +208,22 @@ def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path
         n = graph.by_id[pn.id]
         final = " [bold](final)[/]" if pn.id == graph.final else ""
         reason = ("needs " + ", ".join(c for c, _ in pn.missing)) if pn.status == "blocked" else pn.reason
-        t.add_row(str(i), escape(pn.id) + final, escape(", ".join(n.inputs.values())), n.produces, pn.key[:12],
-                  f"[{style[pn.status]}]{pn.status}[/]", escape(reason))
+        t.add_row(
+            str(i),
+            escape(pn.id) + final,
+            escape(", ".join(n.inputs.values())),
+            n.produces,
+            pn.key[:12],
+            f"[{style[pn.status]}]{pn.status}[/]",
+            escape(reason),
+        )
     out.print(t)
     blocked = [p for p in nodes if p.status == "blocked"]
     if blocked:
         found = {c: d for p in blocked for c, d in p.missing}
-        out.print(f"[yellow]{len(blocked)} node(s) cannot run on this host; a build stops at {escape(blocked[0].id)}.[/]")
+        out.print(
+            f"[yellow]{len(blocked)} node(s) cannot run on this host; a build stops at {escape(blocked[0].id)}.[/]"
+        )
         for c, d in found.items():
             out.print(f"  missing [bold]{escape(c)}[/]: {escape(d)}")
 
@@ -193,9 +250,15 @@ def passes() -> None:
         t.add_column(col, overflow="fold")
     for name in sorted(reg.passes):
         p = reg.passes[name]
-        t.add_row(name, reg.plugin_of("passes", name), p.version,
-                  "; ".join(f"{s.name}: {'|'.join(s.kinds) if len(s.kinds) < 4 else 'runnable'}" for s in p.inputs),
-                  p.produces, ", ".join(p.requires) or "-", p.summary())
+        t.add_row(
+            name,
+            reg.plugin_of("passes", name),
+            p.version,
+            "; ".join(f"{s.name}: {'|'.join(s.kinds) if len(s.kinds) < 4 else 'runnable'}" for s in p.inputs),
+            p.produces,
+            ", ".join(p.requires) or "-",
+            p.summary(),
+        )
     out.print(t)
 
 
@@ -214,7 +277,15 @@ def targets() -> None:
             for prec, pl in by_prec.items():
                 steps = " → ".join(s.name + ("*" if s.name in pl.verify_after else "") for s in pl.steps)
                 default = " (default)" if rt == tp.default_runtime else ""
-                t.add_row(name, reg.plugin_of("targets", name), tp.device, ", ".join(tp.capabilities), rt + default, prec, steps)
+                t.add_row(
+                    name,
+                    reg.plugin_of("targets", name),
+                    tp.device,
+                    ", ".join(tp.capabilities),
+                    rt + default,
+                    prec,
+                    steps,
+                )
     out.print(t)
 
 
@@ -228,9 +299,17 @@ def plugins() -> None:
     for col in ("plugin", "distribution", "passes", "targets", "sources"):
         t.add_column(col, overflow="fold")
     for name, dist in reg.plugins.items():
-        owned = lambda cat: ", ".join(sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name))  # noqa: E731
-        t.add_row(name, dist or "(built-in)", owned("passes"), owned("targets"),
-                  ", ".join(filter(None, [owned("model_sources"), owned("data_sources")])))
+
+        def owned(cat: str, name: str = name) -> str:
+            return ", ".join(sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name))
+
+        t.add_row(
+            name,
+            dist or "(built-in)",
+            owned("passes"),
+            owned("targets"),
+            ", ".join(filter(None, [owned("model_sources"), owned("data_sources")])),
+        )
     out.print(t)
 
 
@@ -258,8 +337,13 @@ def cache_list(cache_dir: Path | None) -> None:
     total = 0
     for e in store.list():
         total += e.size_bytes
-        t.add_row(e.key[:12], e.meta.get("node", "?"), e.meta.get("kind", "?"), f"{e.size_bytes / 2**20:.2f}",
-                  _t.strftime("%Y-%m-%d %H:%M", _t.localtime(e.meta.get("created", 0))))
+        t.add_row(
+            e.key[:12],
+            e.meta.get("node", "?"),
+            e.meta.get("kind", "?"),
+            f"{e.size_bytes / 2**20:.2f}",
+            _t.strftime("%Y-%m-%d %H:%M", _t.localtime(e.meta.get("created", 0))),
+        )
     out.print(t)
     out.print(f"{len(store.list())} entries, {total / 2**20:.1f} MiB")
 
@@ -290,21 +374,79 @@ def cache_verify(cache_dir: Path | None) -> None:
 
 @cache.command("gc")
 @_cache_opt
-@click.option("--max-size", "max_mib", type=click.FloatRange(min=0), required=True, help="Keep at most this many MiB.")
-def cache_gc(cache_dir: Path | None, max_mib: float) -> None:
-    """Evict least-recently-used entries until the store fits in --max-size MiB."""
+@click.option(
+    "--max-size",
+    "max_mib",
+    type=click.FloatRange(min=0),
+    envvar="ACCELC_CACHE_MAX_MIB",
+    help="Keep at most this many MiB (env ACCELC_CACHE_MAX_MIB, which builds also honour).",
+)
+def cache_gc(cache_dir: Path | None, max_mib: float | None) -> None:
+    """Remove what killed builds left behind, then evict least-recently-used entries until the
+    store fits in --max-size MiB. A build's use of an entry (cache hit or read) counts; listing
+    and verifying do not."""
     store = _store(cache_dir)
+    if max_mib is None:
+        raise click.UsageError("give --max-size MIB or set ACCELC_CACHE_MAX_MIB")
+    swept = store.sweep()
+    before = store.total_bytes()
     evicted = store.gc(int(max_mib * 2**20))
-    out.print(f"evicted {len(evicted)} entries")
+    after = store.total_bytes()
+    if swept:
+        out.print(f"removed {len(swept)} leftovers of interrupted builds or unreadable entries")
+    out.print(
+        f"evicted {len(evicted)} entries, {(before - after) / 2**20:.2f} MiB; "
+        f"{len(store.list())} entries, {after / 2**20:.2f} MiB left"
+    )
 
 
 @main.command()
-def env() -> None:
-    """Print the environment fingerprint a build records (Python, platform, package versions)."""
-    from .environment import fingerprint
+@click.option(
+    "--file",
+    "env_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Pins to compare with (default: ./environment.yml, else the one next to accelc's sources).",
+)
+@click.option("--strict", is_flag=True, help="Exit 1 when an installed version differs from its pin or is missing.")
+def env(env_file: Path | None, strict: bool) -> None:
+    """Print the environment fingerprint a build records (Python, platform, package versions,
+    host) as JSON, and report drift from environment.yml's pins on stderr."""
+    from .environment import drift, find_environment_file, fingerprint, fingerprint_digest, read_pins
     from .host import Host
 
-    out.print_json(json.dumps({**fingerprint(), "host": Host().describe()}))
+    fp = fingerprint()
+    doc: dict[str, Any] = {**fp, "fingerprint": fingerprint_digest(fp), "host": Host().describe()}
+    path, looked = find_environment_file(env_file)
+    if path is None:
+        doc["environment_file"] = None
+        out.print_json(json.dumps(doc))
+        console.print(
+            f"[yellow]no environment.yml found[/] (looked at {escape(', '.join(map(str, looked)))}); drift not checked"
+        )
+        if strict:
+            raise AccelcError("--strict: no environment.yml to compare with")
+        return
+    try:
+        rows = drift(read_pins(path))
+    except ValueError as e:
+        raise AccelcError(str(e)) from e
+    bad = [r for r in rows if r["status"] in ("differs", "missing")]
+    doc["environment_file"] = {
+        "path": str(path),
+        "pins": len(rows),
+        "drift": bad,
+        "unchecked": [r["name"] for r in rows if r["status"] == "unchecked"],
+    }
+    out.print_json(json.dumps(doc))
+    if bad:
+        console.print(f"[yellow]{len(bad)} of {len(rows)} pins in {escape(str(path))} drift:[/]")
+        for r in bad:
+            have = r["installed"] or "not installed"
+            console.print(f"  {escape(r['name'])}: pinned {escape(r['pinned'])}, installed {escape(have)}")
+        if strict:
+            raise AccelcError(f"the environment drifts from {path} ({len(bad)} pin(s))")
+    else:
+        console.print(f"[green]no drift[/]: {len(rows)} pins in {escape(str(path))} match")
 
 
 if __name__ == "__main__":  # pragma: no cover

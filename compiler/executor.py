@@ -6,26 +6,36 @@ inputs, the input signature, and the versions of the packages that change its ou
 So every key is known before anything runs (``accelc plan`` shows them all), and an
 unchanged recipe maps to the same keys and reruns nothing.
 
-Execution is demand-driven: a cached node is only *looked up*; its files are re-hashed
-(and, when corrupt, evicted and rebuilt) only when a node that runs needs them as input,
-or when it is the final artifact copied to the out dir.
+Execution is demand-driven: a cached node is only *looked up* (its ``meta.json`` digest
+checked); its files are re-hashed (and, when corrupt, evicted and rebuilt) only when a node
+that runs needs them as input, or when it is the final artifact copied to the out dir.
+
+Every pass output is checked before it is committed: the primary file must lie inside the
+staging dir, and its bytes must parse as the declared kind (an ``onnx`` artifact passes
+``onnx.checker``, an ``.npz`` kind is a numpy archive, a JSON kind is JSON, a torch kind a
+torch zip archive), so a plugin that writes the wrong thing is named before anything
+downstream trusts it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .artifacts import Artifact
-from .cache import Store
+from .artifacts import Artifact, sha256_file
+from .cache import Store, is_no_space, safe_relative
 from .environment import package_versions
 from .errors import (
     AccelcError,
+    CacheError,
     CapabilityError,
     CorruptEntryError,
     PassError,
@@ -149,7 +159,9 @@ class Executor:
             elif self.store.lookup(key) is not None:
                 out.append(PlannedNode(node.id, node.pass_name, key, material, "cached"))
             else:
-                out.append(PlannedNode(node.id, node.pass_name, key, material, "run", _why(material, prev.get(node.id))))
+                out.append(
+                    PlannedNode(node.id, node.pass_name, key, material, "run", _why(material, prev.get(node.id)))
+                )
         return out
 
     # -- execution ----------------------------------------------------------------------------
@@ -163,8 +175,12 @@ class Executor:
             node = self.graph.by_id[planned.id]
             if planned.status == "blocked":
                 cap, detail = planned.missing[0]
-                err = CapabilityError(node.id, [c for c, _ in planned.missing], "; ".join(d for _, d in planned.missing))
-                stages.append(Stage(node.id, node.pass_name, False, 0.0, node.produces, planned.key, "", {}, "blocked", str(err)))
+                err = CapabilityError(
+                    node.id, [c for c, _ in planned.missing], "; ".join(d for _, d in planned.missing)
+                )
+                stages.append(
+                    Stage(node.id, node.pass_name, False, 0.0, node.produces, planned.key, "", {}, "blocked", str(err))
+                )
                 self.reporter.stage_finished(node.id, False, 0.0, {"status": "blocked"})
                 return BuildResult(stages, None, err)
             self.reporter.stage_started(node.id, node.pass_name)
@@ -173,13 +189,16 @@ class Executor:
                 info_meta, cached = self._ensure(node.id)
             except AccelcError as e:
                 secs = time.perf_counter() - t0
-                stages.append(Stage(node.id, node.pass_name, False, secs, node.produces, planned.key, "", {}, "failed", str(e)))
+                stages.append(
+                    Stage(node.id, node.pass_name, False, secs, node.produces, planned.key, "", {}, "failed", str(e))
+                )
                 self.reporter.stage_finished(node.id, False, secs, {"status": "failed"})
                 return BuildResult(stages, None, e)
             secs = time.perf_counter() - t0
             metrics = info_meta.get("metrics", {})
-            stage = Stage(node.id, node.pass_name, cached, secs, info_meta["kind"], planned.key,
-                          info_meta["digest"], metrics)
+            stage = Stage(
+                node.id, node.pass_name, cached, secs, info_meta["kind"], planned.key, info_meta["digest"], metrics
+            )
             stages.append(stage)
             try:
                 self.registry.passes[node.pass_name].check(metrics, node.options)
@@ -196,18 +215,26 @@ class Executor:
 
     def open(self, node_id: str) -> Artifact:
         """The node's artifact with its files checked against their digests; a corrupt or
-        missing entry is reported, evicted and rebuilt (with its own inputs, recursively)."""
+        missing entry is reported, evicted and rebuilt (with its own inputs, recursively).
+
+        Eviction and rebuild happen under the key's lock, after a second check: a concurrent
+        build that repaired the entry first is reused, never evicted.
+        """
         if node_id in self._verified:
             return self._verified[node_id]
         key = self.key(node_id)
         try:
             art = self.store.open(key, verify=True)
-        except CorruptEntryError as e:
-            if self.store.lookup(key) is not None:
-                self.reporter.notice(f"{e}; rebuilding it")
-            self.store.evict(key)
-            self._ensure(node_id)
-            art = self.store.open(key, verify=True)
+        except CorruptEntryError:
+            with self.store.lock(key):
+                try:
+                    art = self.store.open(key, verify=True)  # repaired by a concurrent build meanwhile
+                except CorruptEntryError as e:
+                    if os.path.lexists(self.store.entries / key):
+                        self.reporter.notice(f"{e}; rebuilding it")
+                    self.store.evict(key)
+                    self._build_locked(node_id, key)
+                    art = self.store.open(key, verify=True)
         self._verified[node_id] = art
         return art
 
@@ -216,22 +243,37 @@ class Executor:
         key = self.key(node_id)
         info = self.store.lookup(key)
         if info is not None:
+            self.store.touch(key)  # a cache hit is a use (least-recently-used eviction)
             return info.meta, True
         with self.store.lock(key):
             info = self.store.lookup(key)  # built by a concurrent process while we waited
             if info is not None:
+                self.store.touch(key)
                 return info.meta, True
-            node = self.graph.by_id[node_id]
-            inputs = {slot: self.open(up) for slot, up in node.inputs.items()}
-            self._run(node, key, inputs)
-            info = self.store.lookup(key)
-            assert info is not None
-            return info.meta, False
+            if self.store.has_debris(key):
+                self.reporter.notice(
+                    f"cache entry {key[:12]} ({node_id}) has a missing or altered meta.json; rebuilding it"
+                )
+                self.store.evict(key)
+            return self._build_locked(node_id, key), False
+
+    def _build_locked(self, node_id: str, key: str) -> dict[str, Any]:
+        """Run the node (its inputs opened, and rebuilt if corrupt) and commit it; the caller holds ``lock(key)``."""
+        node = self.graph.by_id[node_id]
+        inputs = {slot: self.open(up) for slot, up in node.inputs.items()}
+        self._run(node, key, inputs)
+        info = self.store.lookup(key)
+        if info is None:
+            raise CacheError(
+                f"cache entry {key[:12]} ({node_id}) vanished right after it was written under {self.store.root}"
+            )
+        return info.meta
 
     def _run(self, node: Any, key: str, inputs: dict[str, Artifact]) -> None:
         p = self.registry.passes[node.pass_name]
         plugin = self.registry.plugin_of("passes", node.pass_name)
         staging = self.store.staging(key)
+        who = f"pass '{node.pass_name}' (plugin '{plugin}')"
         ctx = PassContext(
             workdir=staging,
             signature=self.graph.recipe.signature,
@@ -247,22 +289,26 @@ class Executor:
             except AccelcError:
                 raise
             except Exception as e:
+                if is_no_space(e):
+                    raise CacheError(
+                        f"disk full while pass '{node.id}' (plugin '{plugin}') wrote its output under "
+                        f"{self.store.root}; nothing of it was kept. Free space (e.g. `accelc cache gc "
+                        f"--max-size MIB`) and build again ({type(e).__name__}: {e})"
+                    ) from e
                 raise PassError(f"pass '{node.id}' (plugin '{plugin}') failed: {type(e).__name__}: {e}") from e
             if not isinstance(result, PassResult):
-                raise PluginError(
-                    f"pass '{node.pass_name}' (plugin '{plugin}') returned {type(result).__name__}, not a PassResult"
-                )
+                raise PluginError(f"{who} returned {type(result).__name__}, not a PassResult")
             kind = getattr(result, "kind", None) or node.produces
             if kind != node.produces:
-                raise PluginError(
-                    f"pass '{node.pass_name}' (plugin '{plugin}') returned an artifact of kind '{kind}', "
-                    f"but declares '{node.produces}'"
-                )
-            if not (staging / result.main).is_file():
-                raise PluginError(
-                    f"pass '{node.pass_name}' (plugin '{plugin}') returned main file '{result.main}', "
-                    "which it did not write"
-                )
+                raise PluginError(f"{who} returned an artifact of kind '{kind}', but declares '{node.produces}'")
+            main = result.main
+            if not isinstance(main, str) or not safe_relative(main):
+                raise PluginError(f"{who} returned main file {main!r}, which is not a relative path inside its workdir")
+            if (staging / main).is_symlink() or not (staging / main).is_file():
+                raise PluginError(f"{who} returned main file '{main}', which it did not write")
+            problem = format_problem(node.produces, staging / main)
+            if problem:
+                raise PluginError(f"{who} declares output kind '{node.produces}', but its {main} {problem}")
             record = {
                 "node": node.id,
                 "pass": node.pass_name,
@@ -288,8 +334,11 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
     parts = []
     if "material" in changed:
         a, b = old.get("material", {}), material["material"]
-        keys = sorted(k for k in set(a.get("options", a)) | set(b.get("options", b))
-                      if a.get("options", a).get(k) != b.get("options", b).get(k))
+        keys = sorted(
+            k
+            for k in set(a.get("options", a)) | set(b.get("options", b))
+            if a.get("options", a).get(k) != b.get("options", b).get(k)
+        )
         parts.append(f"options changed: {', '.join(keys) or 'source'}")
     if "version" in changed:
         parts.append("pass version changed")
@@ -302,14 +351,80 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
     return "; ".join(parts) or "entry missing from cache"
 
 
-def copy_artifact(art: Artifact, out_dir: Path) -> list[str]:
-    """Copy an artifact's payload files into ``out_dir`` atomically (temp name + rename); returns names."""
+#: Artifact kinds by the container format of their primary file (see :mod:`accelc.artifacts`).
+ONNX_KINDS = ("onnx", "onnx.qdq")
+NPZ_KINDS = ("calibration.data", "validation.data", "reference.outputs")
+JSON_KINDS = ("calibration.table", "verification.report", "benchmark.report", "runtime.config")
+TORCH_ZIP_KINDS = ("torch.module", "torchscript", "torch.exported")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def format_problem(kind: str, file: Path) -> str | None:
+    """Why ``file`` is not a valid primary file of an artifact of ``kind``, or ``None`` when it is
+    (or when accelc knows no format for the kind, e.g. a serialized TensorRT engine).
+
+    ONNX kinds must pass ``onnx.checker.check_model``; ``.npz`` kinds must be numpy archives
+    (no pickles); JSON kinds must parse; torch kinds must be the zip archives ``torch.save``,
+    ``torch.jit.save`` and ``torch.export.save`` write. Nothing is unpickled or executed.
+    """
+    try:
+        if kind in ONNX_KINDS:
+            import onnx
+
+            try:
+                onnx.checker.check_model(str(file))
+            except Exception as e:  # checker.ValidationError, or a DecodeError for non-protobuf bytes
+                return f"fails onnx.checker: {_first_line(e)}"
+        elif kind in NPZ_KINDS:
+            import numpy as np
+
+            try:
+                with np.load(file, allow_pickle=False) as z:
+                    if not hasattr(z, "files"):
+                        return "is a single .npy array, not an .npz archive"
+            except Exception as e:
+                return f"is not a numpy .npz archive: {_first_line(e)}"
+        elif kind in JSON_KINDS:
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                return f"is not JSON: {_first_line(e)}"
+        elif kind in TORCH_ZIP_KINDS and not zipfile.is_zipfile(file):
+            return "is not a torch zip archive (torch.save / torch.jit.save / torch.export.save)"
+    except OSError as e:
+        return f"cannot be read: {e}"
+    return None
+
+
+def copy_artifact(art: Artifact, out_dir: Path, expected: dict[str, str] | None = None) -> list[str]:
+    """Copy an artifact's payload files into ``out_dir``; returns their names.
+
+    Each file is written under a unique temporary name, checked against its recorded sha256
+    (``expected``, the entry's ``files`` map) when given, and renamed into place, so a reader
+    of ``out_dir`` never sees a half-written or unverified file and concurrent builds into the
+    same out dir do not trip over each other's temporary files.
+
+    Raises:
+        CorruptEntryError: a copied file does not match its recorded digest (the copy is removed).
+        OSError: the out dir cannot be written (the temporary file is removed).
+    """
     names = []
     for f in sorted(art.path.iterdir()):
-        if f.name == "meta.json" or not f.is_file():
+        if f.name == "meta.json" or f.is_symlink() or not f.is_file():
             continue
-        tmp = out_dir / f".{f.name}.tmp"
-        shutil.copyfile(f, tmp)
-        tmp.replace(out_dir / f.name)
+        tmp = out_dir / f".{f.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            shutil.copyfile(f, tmp)
+            if expected is not None and sha256_file(tmp) != expected.get(f.name):
+                raise CorruptEntryError(
+                    f"{f.name} copied from cache entry {art.path.name[:12]} does not match its recorded digest"
+                )
+            tmp.replace(out_dir / f.name)
+        finally:
+            tmp.unlink(missing_ok=True)
         names.append(f.name)
     return names

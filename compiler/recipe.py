@@ -4,19 +4,29 @@ A recipe is YAML read with ``yaml.safe_load`` and validated with ``jsonschema``
 (Draft 2020-12) in two layers: ``schemas/recipe.schema.json`` for the recipe's
 shape, then the schema each model source, data source and pass publishes for its
 own options. Every problem is reported at once, each with its JSON path
-(``passes[3].calibrate.method``). Relative paths are resolved against the recipe's
-directory.
+(``passes[3].calibrate.method``).
+
+Hostile input is refused before it reaches any pass: files over :data:`MAX_RECIPE_BYTES`,
+YAML aliases, explicit YAML tags (``!!python/object``...), nesting deeper than
+:data:`MAX_DEPTH`, and values JSON cannot hold (non-string keys, dates, NaN or infinite
+numbers). An ``integer`` in a schema is a whole number written as one (``3``, not ``3.0``).
+
+Paths: relative paths are resolved against the recipe's directory and must stay inside
+it (``../x`` is refused); a path outside it must be written as an absolute path, which
+says so explicitly. Symlinks are followed as the filesystem has them.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from .errors import RecipeError, SchemaIssue
@@ -25,6 +35,24 @@ from .targets import PassStep
 
 #: Recipes are small; anything larger is refused before parsing.
 MAX_RECIPE_BYTES = 1 << 20
+#: Deepest nesting of mappings and sequences a recipe may have (real recipes use about 5).
+MAX_DEPTH = 32
+#: Explicit YAML tags a recipe may use: the JSON-compatible core types, nothing that constructs objects.
+ALLOWED_TAGS = frozenset(
+    {"!"} | {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+)
+
+
+def _is_strict_integer(checker: object, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+#: Draft 2020-12 with ``integer`` meaning an ``int`` (jsonschema also accepts ``3.0``, which
+#: would then reach ``range()`` or a tensor shape as a float).
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
 
 
 @dataclass
@@ -71,7 +99,7 @@ def _issue(err: ValidationError, prefix: str = "") -> SchemaIssue:
 
 def schema_issues(schema: dict[str, Any], instance: Any, prefix: str = "") -> list[SchemaIssue]:
     """All violations of ``schema`` by ``instance``, paths prefixed with ``prefix``."""
-    v = Draft202012Validator(schema)
+    v = StrictValidator(schema)
     return [_issue(e, prefix) for e in sorted(v.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))]
 
 
@@ -92,7 +120,9 @@ def read_yaml(path: Path) -> Any:
     """Parse a YAML file safely. Raises :class:`RecipeError` for a missing, huge or malformed file.
 
     Aliases are refused: they are rare in recipes and are how a few bytes of YAML expand
-    into gigabytes ("billion laughs").
+    into gigabytes ("billion laughs"). Explicit tags other than the JSON-compatible core
+    ones are refused, and so is nesting deeper than :data:`MAX_DEPTH`; both are checked on
+    the event stream, before anything is constructed.
     """
     where = str(path)
     if not path.is_file():
@@ -104,10 +134,31 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise RecipeError(where, f"not UTF-8 text: {e}") from e
+    except OSError as e:
+        raise RecipeError(where, f"cannot read the file: {e.strerror or e}") from e
+    if len(text.encode("utf-8")) > MAX_RECIPE_BYTES:  # the file grew after stat()
+        raise RecipeError(where, f"file is over the {MAX_RECIPE_BYTES}-byte limit for recipes")
+
+    def at(event: Any) -> str:
+        mark = event.start_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: "
+
     try:
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 raise RecipeError(where, f"YAML aliases (*{event.anchor}) are not allowed in recipes")
+            tag = getattr(event, "tag", None)
+            if tag is not None and tag not in ALLOWED_TAGS:
+                raise RecipeError(
+                    where, f"invalid YAML: {at(event)}tag {tag} is not allowed in recipes (plain data only)"
+                )
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(where, f"invalid YAML: {at(event)}nesting is deeper than {MAX_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -118,6 +169,40 @@ def read_yaml(path: Path) -> Any:
         raise RecipeError(where, "YAML nesting is too deep") from e
 
 
+def plain_data_issues(obj: Any, where: str = "") -> list[SchemaIssue]:
+    """Problems that make ``obj`` more than JSON data: non-string keys, values of other types
+    (dates, bytes, sets), NaN or infinite numbers, nesting deeper than :data:`MAX_DEPTH`."""
+    issues: list[SchemaIssue] = []
+
+    def walk(o: Any, at: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            issues.append(SchemaIssue(at or "(root)", f"nesting is deeper than {MAX_DEPTH} levels"))
+            return
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if not isinstance(k, str):
+                    issues.append(
+                        SchemaIssue(at or "(root)", f"key {k!r} is a {type(k).__name__}; keys must be strings")
+                    )
+                    continue
+                walk(v, f"{at}.{k}" if at else k, depth + 1)
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                walk(v, f"{at}[{i}]", depth + 1)
+        elif isinstance(o, float) and not math.isfinite(o):
+            issues.append(SchemaIssue(at or "(root)", f"{o} is not a finite number"))
+        elif o is not None and not isinstance(o, (str, bool, int, float)):
+            issues.append(
+                SchemaIssue(
+                    at or "(root)",
+                    f"a {type(o).__name__} value ({str(o)[:40]!r}) is not plain data; quote it to make it a string",
+                )
+            )
+
+    walk(obj, where, 0)
+    return issues
+
+
 def normalize_passes(items: list[Any]) -> list[PassStep]:
     """``["fuse_modules", {"calibrate": {"method": "entropy"}}]`` -> ``[PassStep, ...]``."""
     steps = []
@@ -125,12 +210,19 @@ def normalize_passes(items: list[Any]) -> list[PassStep]:
         if isinstance(item, str):
             steps.append(PassStep(item, {}))
         else:
-            (name, opts), = item.items()
+            ((name, opts),) = item.items()
             steps.append(PassStep(name, dict(opts or {})))
     return steps
 
 
-def _resolve_paths(options: dict[str, Any], keys: tuple[str, ...], base: Path) -> dict[str, Any]:
+def _resolve_paths(
+    options: dict[str, Any], keys: tuple[str, ...], base: Path, prefix: str, issues: list[SchemaIssue]
+) -> dict[str, Any]:
+    """A copy of ``options`` with the path options named by ``keys`` made absolute against ``base``.
+
+    A relative path that leads out of ``base`` (``../data``) is reported in ``issues``: a
+    path outside the recipe's directory must be written as an absolute path.
+    """
     out = copy.deepcopy(options)
     for dotted in keys:
         *parents, leaf = dotted.split(".")
@@ -138,8 +230,34 @@ def _resolve_paths(options: dict[str, Any], keys: tuple[str, ...], base: Path) -
         for p in parents:
             holder = holder.get(p) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
-            holder[leaf] = str((base / holder[leaf]).resolve())
+            value = holder[leaf]
+            if "\0" in value:
+                issues.append(SchemaIssue(f"{prefix}.{dotted}", "path contains a NUL character"))
+                continue
+            if not os.path.isabs(value):
+                lexical = os.path.normpath(os.path.join(base, value))
+                if os.path.commonpath([lexical, str(base)]) != str(base):
+                    issues.append(
+                        SchemaIssue(
+                            f"{prefix}.{dotted}",
+                            f"relative path '{value}' leads out of the recipe's directory {base}; "
+                            "write a path outside it as an absolute path",
+                        )
+                    )
+                    continue
+            holder[leaf] = str((base / value).resolve())
     return out
+
+
+def _package_resource_issues(model: dict[str, Any]) -> list[SchemaIssue]:
+    """``model.weights.path`` names a file inside ``model.weights.package``: no ``..``, not absolute."""
+    w = model.get("weights")
+    if not isinstance(w, dict) or not isinstance(w.get("path"), str):
+        return []
+    parts = w["path"].replace("\\", "/").split("/")
+    if os.path.isabs(w["path"]) or ".." in parts:
+        return [SchemaIssue("model.weights.path", f"'{w['path']}' must be a path inside the package (no '..')")]
+    return []
 
 
 def data_source_name(spec: dict[str, Any]) -> str:
@@ -163,6 +281,9 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         raise RecipeError(where, f"the recipe must be a YAML mapping, got {type(raw).__name__}")
     from . import schemas_loader
 
+    issues = plain_data_issues(raw)
+    if issues:
+        raise RecipeError(where, issues)
     issues = schema_issues(schemas_loader.recipe_schema(), raw)
     if issues:
         raise RecipeError(where, issues)
@@ -179,6 +300,7 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         )
     else:
         issues += schema_issues(model_src.options_schema, raw["model"], "model")
+        issues += _package_resource_issues(raw["model"])
 
     data: dict[str, dict[str, Any]] = {}
     for role, spec in (raw.get("data") or {}).items():
@@ -215,7 +337,9 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
             if not d["min"] <= opt <= d["max"]:
                 issues.append(SchemaIssue(at, f"need min <= opt <= max, got {d['min']}, {opt}, {d['max']}"))
             elif d["axis"] < len(inp["shape"]) and not d["min"] <= inp["shape"][d["axis"]] <= d["max"]:
-                issues.append(SchemaIssue(f"inputs[{i}].shape[{d['axis']}]", "example size is outside the dynamic range"))
+                issues.append(
+                    SchemaIssue(f"inputs[{i}].shape[{d['axis']}]", "example size is outside the dynamic range")
+                )
     names = [i["name"] for i in raw["inputs"]]
     if len(set(names)) != len(names):
         issues.append(SchemaIssue("inputs", f"input names must be unique, got {names}"))
@@ -223,10 +347,16 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if issues:
         raise RecipeError(where, issues)
 
-    model = _resolve_paths(apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base)
+    model = _resolve_paths(
+        apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base, "model", issues
+    )
     for role, spec in data.items():
         src = registry.data_sources[spec["source"]]
-        data[role] = _resolve_paths(apply_defaults(src.options_schema, spec), src.path_options, base)
+        data[role] = _resolve_paths(
+            apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+        )
+    if issues:
+        raise RecipeError(where, issues)
     if steps is not None:
         steps = [PassStep(s.name, apply_defaults(registry.passes[s.name].options_schema, s.options)) for s in steps]
 
