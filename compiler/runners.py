@@ -68,11 +68,12 @@ class OrtRunner:
         return [np.asarray(o) for o in self.session.run(None, feeds)]
 
 
-def _flatten(out: Any) -> list[Any]:
+def flatten_outputs(out: Any) -> list[Any]:
+    """A model's outputs as a flat list: nested tuples/lists in order, dicts by sorted key."""
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flatten(out[k])]
+        return [t for k in sorted(out) for t in flatten_outputs(out[k])]
     return [out]
 
 
@@ -115,7 +116,7 @@ class TorchRunner:
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
         with torch.inference_mode():
             out = self.model(*args)
-        return [o.detach().float().cpu().numpy() for o in _flatten(out)]
+        return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
 
 
 def default_threads() -> int:

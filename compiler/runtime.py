@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AccelcError
+from .runners import flatten_outputs
 
 CONFIG_NAME = "runtime.json"
 FORMAT_VERSION = 1
@@ -226,14 +227,6 @@ def plan_chunks(n: int, batch_sizes: list[int] | tuple[int, ...]) -> list[tuple[
     return out
 
 
-def _flatten(out: Any) -> list[Any]:
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flatten(out[k])]
-    return [out]
-
-
 class TorchModule:
     """A torch artifact loaded on a device: ``forward(list of tensors) -> list of tensors``.
 
@@ -262,7 +255,7 @@ class TorchModule:
         self.model = model
 
     def forward(self, inputs: list[Any]) -> list[Any]:
-        return _flatten(self.model(*inputs))
+        return flatten_outputs(self.model(*inputs))
 
     __call__ = forward
 

@@ -24,6 +24,7 @@ from typing import Any
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
+from accelc.runners import flatten_outputs
 from accelc.signature import InputSignature
 
 _CHECK_SCHEMA = {
@@ -81,19 +82,11 @@ def example_inputs(signature: InputSignature, batch: int, float_dtype: str, seed
     return tuple(out)
 
 
-def _outputs(out: Any) -> list[Any]:
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _outputs(out[k])]
-    return [out]
-
-
 def compare(reference: Any, candidate: Any, atol: float, rtol: float, what: str) -> float:
     """Max abs difference between two models' (flattened) outputs; raises ``PassError`` naming
     ``what`` when the output structure or shapes differ or the difference exceeds
     ``atol + rtol * max|reference|``."""
-    ref, got = _outputs(reference), _outputs(candidate)
+    ref, got = flatten_outputs(reference), flatten_outputs(candidate)
     if len(ref) != len(got):
         raise PassError(f"{what}: {len(got)} outputs, the source model has {len(ref)}")
     worst = 0.0
@@ -153,7 +146,7 @@ class ToHalf(Pass):
         xh = tuple(x.to(dt) if x.is_floating_point() else x for x in x32)
         with torch.inference_mode():
             ref, out = model(*x32), half(*xh)
-        outs = _outputs(out)
+        outs = flatten_outputs(out)
         if options["check_finite"] and not all(
             bool(torch.isfinite(o.float()).all()) for o in outs if o.is_floating_point()
         ):
@@ -161,7 +154,7 @@ class ToHalf(Pass):
                 f"to_half: the {options['dtype']} model gives non-finite outputs on an example input "
                 "(float16 overflows above 65504; try dtype: bfloat16)"
             )
-        diff = max(float((r.float() - o.float()).abs().max()) for r, o in zip(_outputs(ref), outs, strict=True))
+        diff = max(float((r.float() - o.float()).abs().max()) for r, o in zip(flatten_outputs(ref), outs, strict=True))
         torch.save(half, ctx.workdir / "model.pt")
         nbytes = sum(t.numel() * t.element_size() for t in list(half.parameters()) + list(half.buffers()))
         return PassResult(
