@@ -20,6 +20,9 @@ from .targets import TargetProfile
 
 #: Extra host capabilities needed to *execute* an artifact kind (for verify and benchmark).
 KIND_REQUIRES: dict[str, tuple[str, ...]] = {"trt.engine": ("cuda", "tensorrt"), "runtime.config": ("cuda",)}
+#: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
+#: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
+DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")
 
 
 @dataclass
@@ -107,17 +110,24 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     def add(pass_name: str, options: dict[str, Any], node_id: str | None = None, where: str = "") -> Node:
         p = registry.passes.get(pass_name)
         if p is None:
-            raise GraphError(f"{where or 'pipeline'}: unknown pass '{pass_name}' (known: {', '.join(sorted(registry.passes))})")
+            known = ", ".join(sorted(registry.passes))
+            raise GraphError(f"{where or 'pipeline'}: unknown pass '{pass_name}' (known: {known})")
         opts = apply_defaults(p.options_schema, options)
         issues = schema_issues(p.options_schema, opts, f"{where or pass_name}")
         if issues:
             raise GraphError("invalid options: " + "; ".join(map(str, issues)))
         wired: dict[str, str] = {}
         requires = list(p.requires)
+        # A pass may say which optional slots this invocation uses (``uses_inputs(options)``):
+        # the others stay unwired (and out of its cache key), the named ones become required.
+        uses = getattr(p, "uses_inputs", None)
+        wanted = uses(opts) if callable(uses) else None
         for slot in p.inputs:
+            if slot.optional and wanted is not None and slot.name not in wanted:
+                continue
             producers = [n for n in nodes if n.produces in slot.kinds]
             if not producers:
-                if slot.optional:
+                if slot.optional and wanted is None:
                     continue
                 hint = {
                     "calibration.data": " (add data.calibration to the recipe)",
@@ -133,6 +143,13 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
             for cap in KIND_REQUIRES.get(src.produces, ()):
                 if cap not in requires and pass_name in ("verify", "benchmark", "cuda_graph"):
                     requires.append(cap)
+            on_gpu = target.device == "cuda" and src.produces in DEVICE_KINDS and "device" not in options
+            if pass_name in ("verify", "benchmark") and slot.name == "artifact" and on_gpu:
+                opts["device"] = "cuda"
+                if "cuda" not in requires:
+                    requires.append("cuda")
+        if "cuda" in requires:  # a node on the GPU needs the target's GPU (an engine belongs to its device)
+            requires += [c for c in target.capabilities if c not in requires]
         nid = _unique_id(node_id or pass_name, taken)
         taken.add(nid)
         node = Node(nid, pass_name, opts, wired, p.output_kind(opts), tuple(requires), p.final)
@@ -142,7 +159,8 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     add("load_model", dict(recipe.model), where="model")
     for role in ("calibration", "validation"):
         if role in recipe.data:
-            add("load_data", {"role": role, "spec": recipe.data[role]}, node_id=f"load_data[{role}]", where=f"data.{role}")
+            spec = {"role": role, "spec": recipe.data[role]}
+            add("load_data", spec, node_id=f"load_data[{role}]", where=f"data.{role}")
     if "validation" in recipe.data:
         add("reference", {"batch_size": verify_cfg.get("batch_size", 16)})
 
@@ -153,13 +171,19 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         opts = dict(step.options)
         if step.name == "verify":
             opts.setdefault("tolerances", tolerances)
+        if step.name in ("calibrate", "quantize"):
+            opts = _accuracy_options(step.name, opts, steps[i + 1 :], verify_after, tolerances, stage_tol,
+                                     verify_cfg.get("batch_size", 16), registry, where)
         if step.name == "benchmark":
             opts = {**recipe.benchmark, **opts}
             opts.pop("enabled", None)
+        if step.name == "cuda_graph" and "batch_sizes" not in opts:
+            opts["batch_sizes"] = _graph_batch_sizes(recipe)
         node = add(step.name, opts, where=where)
         if step.name in verify_after:
             tol = {**tolerances, **stage_tol.get(step.name, {})}
-            add("verify", {"tolerances": tol, "batch_size": verify_cfg.get("batch_size", 16)}, node_id=f"verify[{node.id}]")
+            vopts = {"tolerances": tol, "batch_size": verify_cfg.get("batch_size", 16)}
+            add("verify", vopts, node_id=f"verify[{node.id}]")
 
     if recipe.benchmark.get("enabled", True) and "benchmark" not in step_names:
         opts = {k: v for k, v in recipe.benchmark.items() if k != "enabled"}
@@ -171,11 +195,70 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     return PassGraph(recipe, target, runtime, nodes, finals[-1].id)
 
 
+def _graph_batch_sizes(recipe: Recipe) -> list[int]:
+    """The batch sizes ``cuda_graph`` captures by default: the example batch and the benchmark's
+    batch sizes that fit the dynamic batch range (a static batch: the example batch only)."""
+    spec = recipe.signature.inputs[0]
+    d = spec.batch_dim()
+    if d is None:
+        return [spec.shape[0]]
+    wanted = [spec.shape[0], *recipe.benchmark.get("batch_sizes", [])]
+    return sorted({b for b in wanted if d.min <= b <= d.max})
+
+
+def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_after: list[str],
+                      tolerances: dict[str, Any], stage_tol: dict[str, Any], batch_size: int, registry: Any,
+                      where: str) -> dict[str, Any]:
+    """Options of the accuracy-aware INT8 passes that come from the rest of the recipe.
+
+    * ``quantize`` with ``fallback`` set (``auto`` or ``off``) gets the quantize stage's tolerances
+      and the verify batch size, so it can check itself and, with ``auto``, search the nodes to
+      keep in float. The tolerances stay in its cache key: they decide which nodes are excluded.
+      Without ``fallback`` nothing is added: verify alone checks the stage.
+    * ``calibrate`` with ``method: auto`` gets ``selection``: the format options of the next
+      ``quantize`` step (to quantize each trial like the build will) and that stage's tolerances.
+    """
+    def stage_tolerances(step: str) -> dict[str, Any]:
+        return {**tolerances, **stage_tol.get(step, {})} if step in verify_after else {}
+
+    if name == "quantize":
+        if not opts.get("fallback"):
+            return opts  # plain quantization: verify alone checks it, and a tolerance change reruns nothing
+        tol = stage_tolerances("quantize")
+        if tol:
+            opts.setdefault("tolerances", tol)
+            opts.setdefault("batch_size", batch_size)
+        elif not opts.get("tolerances"):
+            raise GraphError(
+                f"{where}: quantize.fallback '{opts['fallback']}' needs the quantize stage's tolerances, but that "
+                "stage is not verified (add data.validation, keep 'quantize' in verify.after, set verify.tolerances)"
+            )
+        return opts
+    if opts.get("method") != "auto":
+        return opts
+    q = next((s for s in later if s.name == "quantize"), None)
+    qpass = registry.passes.get("quantize")
+    cpass = registry.passes.get("calibrate")
+    fmt: dict[str, Any] = {}
+    if q is not None and qpass is not None and cpass is not None:
+        allowed = cpass.options_schema["properties"]["selection"]["properties"]["quantize"]["properties"]
+        full = apply_defaults(qpass.options_schema, dict(q.options))
+        fmt = {k: v for k, v in full.items() if k in allowed}
+    selection = {"quantize": fmt, "tolerances": stage_tolerances("quantize") or dict(tolerances),
+                 "batch_size": batch_size, **opts.get("selection", {})}
+    return {**opts, "selection": selection}
+
+
 def unmet(graph: PassGraph, host: Any) -> dict[str, list[tuple[str, str]]]:
-    """Node id -> capabilities this host lacks (with what was found), for every node that cannot run here."""
+    """Node id -> capabilities this host lacks (with what was found), for every node that cannot run here.
+
+    Without a CUDA device, compute-capability requirements (``sm==75``) are left out: ``cuda``
+    already says it all."""
     out = {}
     for n in graph.nodes:
         missing = host.missing(n.requires)
+        if any(c == "cuda" for c, _ in missing):
+            missing = [(c, d) for c, d in missing if not c.startswith("sm")]
         if missing:
             out[n.id] = missing
     return out

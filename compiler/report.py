@@ -32,7 +32,9 @@ def build_report(ex: Executor, result: BuildResult, final_files: list[str]) -> d
         "runtime": g.runtime,
         "precision": r.precision,
         "status": "ok" if result.failure is None else "failed",
-        "error": None if result.failure is None else {"type": type(result.failure).__name__, "message": str(result.failure)},
+        "error": None
+        if result.failure is None
+        else {"type": type(result.failure).__name__, "message": str(result.failure)},
         "final_artifact": final_files[0] if final_files else None,
         "final_files": final_files,
         "final_digest": result.final.digest if result.final else None,
@@ -86,6 +88,63 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: Rows of a sensitivity table shown in report.md (report.json has all of them).
+SENSITIVITY_ROWS = 15
+
+
+def _names(nodes: list[str], limit: int = 6) -> str:
+    if not nodes:
+        return "none"
+    shown = ", ".join(f"`{n}`" for n in nodes[:limit])
+    return shown + (f" (+{len(nodes) - limit} more)" if len(nodes) > limit else "")
+
+
+def _trials_markdown(stage: dict[str, Any]) -> list[str]:
+    """Tables for a stage that tried several configurations (``metrics.trials``, e.g. calibrate
+    ``method: auto`` and quantize with tolerances) and its ``sensitivity`` ranking, if any."""
+    m = stage.get("metrics") or {}
+    trials = m.get("trials")
+    if not isinstance(trials, list) or not trials:
+        return []
+    by_method = "method" in trials[0]
+    head = "method" if by_method else "nodes kept in float"
+    lines = ["", f"## Trials of `{stage['node']}`", ""]
+    if m.get("tolerances"):
+        lines += [f"Tolerances: {', '.join(f'{k} {v:g}' for k, v in m['tolerances'].items())}.", ""]
+    lines += [f"| {head} | top-1 agreement | cosine (mean) | cosine (min) | max abs error | mean abs error | "
+              "p50 ms (batch 1) | meets tolerances | kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in trials:
+        if by_method:
+            what = t["method"] + (f" ({t['percentile']:g})" if "percentile" in t else "")
+        else:
+            what = f"{len(t['fp32_nodes'])}: {_names(t['fp32_nodes'], 4)}" if t["fp32_nodes"] else "0 (full INT8)"
+        lines.append(
+            f"| {what} | {_fmt(t.get('top1_agreement'))} | {_fmt(t.get('cosine'))} | {_fmt(t.get('cosine_min'))} | "
+            f"{_fmt(t.get('max_abs_error'))} | {_fmt(t.get('mean_abs_error'))} | {_fmt(t.get('p50_ms'))} | "
+            f"{'yes' if t.get('passed') else 'no'} | {'**yes**' if t.get('kept') else ''} |"
+        )
+    lat = m.get("latency") if isinstance(m.get("latency"), dict) else {}
+    where = f"batch {lat.get('batch', 1)}, {lat.get('threads')} threads, p50, measured side by side"
+    if not by_method:
+        lines += ["", f"Kept: {m.get('kept')}; nodes in float: {_names(m.get('fp32_nodes', []), 12)}. "
+                  f"Latency ({where}): float {_fmt(lat.get('fp32_ms'))} ms, full INT8 {_fmt(lat.get('int8_ms'))} ms, "
+                  f"kept {_fmt(lat.get('kept_ms'))} ms."]
+    else:
+        lines += ["", f"Kept: `{m.get('method')}`. Float model: {_fmt(lat.get('fp32_ms'))} ms ({where})."]
+    sens = m.get("sensitivity")
+    if isinstance(sens, list) and sens:
+        info = m.get("sensitivity_data", {})
+        lines += ["", f"### Sensitivity ({info.get('method', 'per node')}, {info.get('samples')} "
+                  f"{info.get('set', '')} samples vs the {info.get('compared_with', 'float model')}; "
+                  f"top {min(SENSITIVITY_ROWS, len(sens))} of {len(sens)})", "",
+                  "| rank | node | op | cosine loss | cosine | top-1 agreement | mean abs error |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sens[:SENSITIVITY_ROWS]:
+            lines.append(f"| {r['rank']} | `{r['node']}` | {r['op_type']} | {_fmt(r['cosine_loss'])} | "
+                         f"{_fmt(r['cosine'])} | {_fmt(r['top1_agreement'])} | {_fmt(r['mean_abs_error'])} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report: summary, per-stage table, verification and benchmark tables."""
     lines = [
@@ -93,12 +152,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- status: **{report['status']}**",
         f"- target: `{report['target']}` (runtime `{report['runtime']}`, precision `{report['precision']}`)",
-        f"- final artifact: `{report['final_artifact']}`" + (f" (sha256 `{report['final_digest'][:16]}`)" if report["final_digest"] else ""),
+        f"- final artifact: `{report['final_artifact']}`"
+        + (f" (sha256 `{report['final_digest'][:16]}`)" if report["final_digest"] else ""),
         f"- host: {report['host'].get('cpu')} ({report['host'].get('cpu_count')} CPUs)",
     ]
     if report["error"]:
         lines += ["", f"> **{report['error']['type']}**: {report['error']['message']}"]
-    lines += ["", "## Stages", "", "| # | stage | pass | status | cached | seconds | kind | key |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Stages", "", "| # | stage | pass | status | cached | seconds | kind | key |",
+              "|---|---|---|---|---|---|---|---|"]
     for i, s in enumerate(report["stages"], 1):
         lines.append(
             f"| {i} | `{s['node']}` | {s['pass']} | {s['status']} | {'yes' if s['cached'] else 'no'} | "
@@ -107,22 +168,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
     if ver:
         lines += ["", "## Verification against the source model", "",
-                  "| stage | samples | top-1 agreement | cosine (mean) | cosine (min) | max abs error | mean abs error | status |",
+                  "| stage | samples | top-1 agreement | cosine (mean) | cosine (min) | max abs error | "
+                  "mean abs error | status |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in ver:
             m = s["metrics"]
             lines.append(
                 f"| `{s['node']}` | {m.get('samples')} | {_fmt(m.get('top1_agreement'))} | {_fmt(m.get('cosine'))} | "
-                f"{_fmt(m.get('cosine_min'))} | {_fmt(m.get('max_abs_error'))} | {_fmt(m.get('mean_abs_error'))} | {s['status']} |"
+                f"{_fmt(m.get('cosine_min'))} | {_fmt(m.get('max_abs_error'))} | {_fmt(m.get('mean_abs_error'))} | "
+                f"{s['status']} |"
             )
+    for s in report["stages"]:
+        lines += _trials_markdown(s)
     bench = [s for s in report["stages"] if s["pass"] == "benchmark" and s["metrics"]]
     for s in bench:
         m = s["metrics"]
         lines += ["", f"## Benchmark (`{m.get('artifact_kind')}`, {m.get('threads')} threads, {m.get('device')}, "
-                  f"{m.get('warmup')} warm-up + {m.get('iterations')} timed runs{', cached' if s['cached'] else ''})", "",
+                  f"{m.get('warmup')} warm-up + {m.get('iterations')} timed runs"
+                  f"{', cached' if s['cached'] else ''})", "",
                   "| batch | p50 ms | p95 ms | p99 ms | throughput (samples/s) |", "|---|---|---|---|---|"]
         for bs, b in m.get("batch", {}).items():
-            lines.append(f"| {bs} | {b['p50_ms']:.3f} | {b['p95_ms']:.3f} | {b['p99_ms']:.3f} | {b['throughput']:.1f} |")
+            lines.append(
+                f"| {bs} | {b['p50_ms']:.3f} | {b['p95_ms']:.3f} | {b['p99_ms']:.3f} | {b['throughput']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
