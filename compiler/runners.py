@@ -40,28 +40,34 @@ class RunnerFactory:
         return f(artifact, device=device, threads=threads)
 
 
-class OrtRunner:
-    """ONNX Runtime ``InferenceSession`` with graph optimizations at ORT_ENABLE_ALL.
+def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = None, device: str = "cpu") -> Any:
+    """An ONNX Runtime ``InferenceSession`` with graph optimizations at ORT_ENABLE_ALL.
 
-    ``threads`` sets ``intra_op_num_threads`` (``None``: ORT's default, one per physical core).
-    The CUDA execution provider is used for ``device="cuda"`` when the installed build has it.
+    ``threads`` sets ``intra_op_num_threads`` with one inter-op thread (``None``: ORT's default,
+    one per physical core). The CUDA execution provider is used for ``device="cuda"`` when the
+    installed build has it; CPU otherwise.
     """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+
+
+class OrtRunner:
+    """Runs an ``onnx`` / ``onnx.qdq`` artifact in an :func:`ort_session`."""
 
     def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         self.threads = threads
-        self.providers = providers
-        self.session = ort.InferenceSession(str(artifact.file), so, providers=providers)
+        self.session = ort_session(artifact.file, threads, device)
+        self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

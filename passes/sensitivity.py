@@ -28,39 +28,19 @@ Terms:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelc.runners import ort_session
 
+from .loading import iter_batches
 from .verification import TOLERANCES, compare_outputs, tolerance_failures
 
 #: Ops ONNX Runtime's QDQ quantizer may fold into the preceding node's output range.
 FOLDABLE_ACTIVATIONS = ("Clip", "Relu")
-
-
-def ort_session(model: str | Path | bytes, threads: int | None) -> Any:
-    """An ONNX Runtime CPU session configured like :class:`accelc.runners.OrtRunner`
-    (``ORT_ENABLE_ALL``, ``intra_op_num_threads=threads``, one inter-op thread)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"]
-    )
-
-
-def _batches(arrays: dict[str, np.ndarray], names: list[str], batch: int) -> Iterator[dict[str, np.ndarray]]:
-    n = len(arrays[names[0]])
-    for s in range(0, n, batch):
-        yield {k: arrays[k][s : s + batch] for k in names}
 
 
 class Evaluator:
@@ -95,7 +75,10 @@ class Evaluator:
         """First output of ``model`` on all samples, float32 ``(N, ...)``."""
         sess = ort_session(model, self.threads)
         return np.concatenate(
-            [np.asarray(sess.run(None, f)[0], dtype=np.float32) for f in _batches(self.arrays, self.names, self.batch)]
+            [
+                np.asarray(sess.run(None, f)[0], dtype=np.float32)
+                for _, f in iter_batches(self.arrays, self.names, self.batch)
+            ]
         )
 
     def metrics(self, model: str | Path | bytes) -> dict[str, Any]:
