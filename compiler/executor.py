@@ -19,7 +19,9 @@ downstream trusts it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -133,6 +135,7 @@ class Executor:
             material = {
                 "pass": node.pass_name,
                 "version": p.version,
+                "code": pass_code_digest(type(p)),
                 "material": p.key_material(node.options, self.host, self.registry),
                 "inputs": {slot: self._keys[up][0] for slot, up in sorted(node.inputs.items())},
                 "signature": sig,
@@ -324,12 +327,23 @@ class Executor:
                 shutil.rmtree(staging, ignore_errors=True)
 
 
+@functools.cache
+def pass_code_digest(cls: type) -> str | None:
+    """sha256 of the source file defining a pass class, so editing a pass without bumping its
+    ``version`` still invalidates its entries (``None`` when the source is not on disk)."""
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:
+        return None
+    return sha256_file(path) if path and os.path.isfile(path) else None
+
+
 def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
     """Why a node must run: what changed since the previous build's lock file, if known."""
     if previous is None or "material" not in previous:
         return "not in cache"
     old = previous["material"]
-    changed = [k for k in ("version", "material", "signature", "packages") if old.get(k) != material.get(k)]
+    changed = [k for k in ("version", "code", "material", "signature", "packages") if old.get(k) != material.get(k)]
     changed_inputs = [s for s, k in material["inputs"].items() if old.get("inputs", {}).get(s) != k]
     parts = []
     if "material" in changed:
@@ -342,6 +356,8 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
         parts.append(f"options changed: {', '.join(keys) or 'source'}")
     if "version" in changed:
         parts.append("pass version changed")
+    elif "code" in changed:
+        parts.append("pass code changed")
     if "packages" in changed:
         parts.append("package versions changed")
     if "signature" in changed:

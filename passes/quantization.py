@@ -168,7 +168,28 @@ def pin_float_nodes(model: Any) -> list[str]:
         pinned.append((n, node))
     for n, node in pinned:
         g.node.insert(list(g.node).index(n), node)
+    prune_dead_nodes(model)  # a shared DequantizeLinear whose every consumer was pinned
     return [n.name for n, _ in pinned]
+
+
+def prune_dead_nodes(model: Any) -> int:
+    """Remove nodes none of whose outputs is consumed or a graph output (repeatedly, so chains
+    such as QuantizeLinear -> DequantizeLinear go together), then unused initializers.
+    ONNX Runtime would otherwise still execute them. Edits ``model`` in place; returns the count."""
+    g = model.graph
+    removed = 0
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+        removed += len(dead)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return removed
 
 
 def quantized_op_types(options: dict[str, Any]) -> frozenset[str]:
@@ -461,7 +482,7 @@ class Quantize(Pass):
     """
 
     name = "quantize"
-    version = "2"
+    version = "3"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("table", ("calibration.table",)),

@@ -80,3 +80,14 @@ def test_paths_are_not_in_the_key(tmp_path):
     a = keys(write_tiny_recipe(tmp_path / "a"), tmp_path)
     b = keys(write_tiny_recipe(tmp_path / "b"), tmp_path)
     assert a == b
+
+
+def test_pass_source_code_is_in_the_key(tmp_path):
+    """Editing a pass's module (without bumping its version) must not reuse old entries."""
+    import accelc.passes.quantization as q
+    from accelc.artifacts import sha256_file
+
+    graph, reg = prepare(write_tiny_recipe(tmp_path))
+    ex = Executor(graph, reg, Store(tmp_path / "store"), Host())
+    assert ex._keys["quantize"][1]["code"] == sha256_file(q.__file__)
+    assert ex._keys["export_onnx"][1]["code"] != ex._keys["quantize"][1]["code"]

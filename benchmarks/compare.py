@@ -1,0 +1,1072 @@
+"""Compare accelc's artifacts with what a user would otherwise deploy, in one run, on the same inputs.
+
+For every selected recipe this script:
+
+1. builds it with ``accelc build`` twice in a fresh cache dir, each build a subprocess timed by
+   wall clock, imports included: the first is the cold build, the second the warm rebuild;
+2. prepares the alternatives the way a user would, each step a timed subprocess:
+   ``torch.onnx.export(model, x, path)`` with torch's defaults (plus a dynamic batch axis, so the
+   larger batch runs) and ``quantize_static(fp32, int8, reader)`` with ONNX Runtime's defaults,
+   calibrated on the recipe's own calibration data;
+3. measures each variant's peak resident memory in a subprocess of its own (load, warm-up, a few
+   runs at both batch sizes); torch.compile's compile time with an empty and with a populated
+   inductor cache comes from the same subprocesses;
+4. loads every variant into this process, compares each with eager FP32 on the recipe's validation
+   data (top-1 agreement, cosine similarity: ``accelc.passes.verification.compare_outputs``), then
+   times them in alternated rounds: in round r every variant runs ``iterations`` timed batch-1 calls
+   (after a short warm-up), then every variant runs the larger batch, in an order rotated by r, so
+   machine drift hits all variants alike; the spread is the range of the per-round medians.
+
+Every variant gets the same thread count (``torch.set_num_threads``, ONNX Runtime's
+``intra_op_num_threads`` with ``inter_op_num_threads=1``), printed and recorded. Timed calls take
+numpy arrays in and return a numpy array, host copies included, for every variant alike.
+
+Run from the repository root::
+
+    python -m benchmarks.compare --quick                 # smoke run, minutes
+    python -m benchmarks.compare --json out.json --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.summary import (
+    COST_COLUMNS,
+    LABELS,
+    SCHEMA_VERSION,
+    SPEED_COLUMNS,
+    VARIANTS,
+    conv_gops,
+    finish_recipe,
+    latency_summary,
+    margin_stats,
+    op_profile,
+    ort_profile_summary,
+    profile_lines,
+    quality_lines,
+    render_markdown,
+    round_order,
+    table_rows,
+    target_lines,
+    throughput_summary,
+    to_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+RESULT_PREFIX = "BENCH-RESULT "
+#: Wall-clock limit of one subprocess (a cold torch.compile on 2 cores takes minutes).
+SUBPROCESS_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long to measure. ``iterations`` timed batch-1 calls and ``throughput_iterations`` timed
+    larger-batch calls per variant per round, each block after ``warmup`` untimed calls;
+    ``rss_iterations`` calls per batch size in the memory subprocess."""
+
+    rounds: int = 10
+    iterations: int = 50
+    throughput_iterations: int = 5
+    warmup: int = 5
+    rss_iterations: int = 10
+    quick: bool = False
+
+
+FULL = Settings()
+QUICK = Settings(rounds=2, iterations=5, throughput_iterations=1, warmup=1, rss_iterations=2, quick=True)
+
+
+class Skip(Exception):
+    """A variant that cannot run here (e.g. no CUDA execution provider); the message says why."""
+
+
+# --- the variants as callables: {input name: array} -> first output as a float32 numpy array -----------
+
+
+class TorchCall:
+    """An ``nn.Module`` (eager or ``torch.compile``d) called under ``torch.inference_mode()``."""
+
+    def __init__(self, model: Any, names: list[str], device: str):
+        self.model, self.names, self.device = model, names, device
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        args = [torch.from_numpy(feeds[n]).to(self.device) for n in self.names]
+        with torch.inference_mode():
+            out = self.model(*args)
+        while isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float().cpu().numpy()
+
+
+def ort_session_options(threads: int) -> Any:
+    """The session options every ONNX Runtime variant gets (the same as accelc's ``OrtRunner``):
+    all graph optimizations (ORT's default), ``threads`` intra-op threads, one inter-op thread."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def ort_providers(device: str) -> list[str]:
+    """Execution providers for ``device``. Raises :class:`Skip` for CUDA without the CUDA EP."""
+    import onnxruntime as ort
+
+    if device != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Skip("the installed onnxruntime has no CUDAExecutionProvider")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OrtCall:
+    """An ONNX file in an ``InferenceSession`` with :func:`ort_session_options`."""
+
+    def __init__(self, path: str, threads: int, device: str, profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        so = ort_session_options(threads)
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        self.session = ort.InferenceSession(path, so, providers=ort_providers(device))
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.session.run(None, feeds)[0])
+
+
+class AccelcCall:
+    """accelc's artifact through accelc's own runner for its kind (``OrtRunner`` for ONNX)."""
+
+    def __init__(self, artifact: dict[str, Any], threads: int, device: str):
+        from accelc.artifacts import Artifact
+        from accelc.registry import default_registry
+        from accelc.runners import RunnerFactory
+
+        art = Artifact(
+            kind=artifact["kind"],
+            path=Path(artifact["path"]),
+            main=artifact["main"],
+            digest=artifact["digest"],
+            meta=artifact.get("meta", {}),
+        )
+        self.runner = RunnerFactory(default_registry().runners).make(art, device=device, threads=threads)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.runner.run(feeds)[0], dtype=np.float32)
+
+
+def load_model(recipe: Any) -> Any:
+    """The recipe's source model (eval mode), loaded through its model source, as the build does."""
+    from accelc.registry import default_registry
+
+    reg = default_registry()
+    return reg.model_sources[recipe.model["source"]].load(recipe.model)
+
+
+def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None) -> Callable[..., np.ndarray]:
+    """The callable for ``variant`` from the prepared files named in ``spec``.
+    Raises :class:`Skip` when the variant cannot run here."""
+    device, threads = spec["device"], spec["threads"]
+    if variant in ("eager", "compile"):
+        import torch
+
+        torch.set_num_threads(threads)
+        model = model if model is not None else load_model(recipe)
+        model = model.to(device)
+        if variant == "compile":
+            model = torch.compile(model)
+        return TorchCall(model, recipe.signature.names, device)
+    if variant in ("ort_fp32", "ort_int8_qs"):
+        path = spec.get(variant)
+        if not path:
+            raise Skip(spec.get(f"{variant}_reason", "not prepared"))
+        return OrtCall(path, threads, device)
+    if variant == "accelc":
+        if not spec.get("accelc"):
+            raise Skip(spec.get("accelc_reason", "no artifact"))
+        return AccelcCall(spec["accelc"], threads, device)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+# --- subprocess workers ------------------------------------------------------------------------------
+
+
+def _emit(result: dict[str, Any]) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def _peak_rss_mib() -> tuple[float, float]:
+    """(this process, largest waited-for child) peak resident set size in MiB.
+
+    This process's peak is ``VmHWM`` from ``/proc/self/status``: the high-water mark of the
+    address space created at exec. ``ru_maxrss`` (the fallback off Linux) can carry the parent's
+    peak across fork + exec, which made every worker report the benchmark process's size.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, kids
+
+
+def random_feeds(recipe: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs at ``batch`` for every input of the recipe's signature."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in recipe.signature.inputs:
+        bdim = spec.batch_dim()
+        shape = spec.shape_with(**({bdim.name: batch} if bdim else {}))
+        feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feeds
+
+
+def worker_serve(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load ``variant``, run it at batch 1 and then at the larger batch; report its peak RSS (MiB),
+    overall and after each batch size's runs, and the first call's time at each batch (s; for
+    torch.compile that is where compilation happens)."""
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    recipe = load_recipe(spec["recipe"], default_registry())
+    t0 = time.perf_counter()
+    call = make_call(variant, spec, recipe)
+    load_s = time.perf_counter() - t0
+    first, peaks = {}, {}
+    for bs in (1, spec["batch"]):
+        feeds = random_feeds(recipe, bs)
+        t = time.perf_counter()
+        call(feeds)
+        first[str(bs)] = time.perf_counter() - t
+        for _ in range(spec["rss_iterations"]):
+            call(feeds)
+        peaks[str(bs)] = _peak_rss_mib()[0]
+    own, kids = _peak_rss_mib()
+    return {
+        "peak_rss_mib": own,
+        "peak_rss_mib_after_batch": peaks,
+        "children_peak_rss_mib": kids,
+        "load_s": load_s,
+        "first_call_s": first,
+    }
+
+
+def default_export(model: Any, recipe: Any, path: Path) -> None:
+    """``torch.onnx.export(model, x, path)`` with torch's defaults, plus input/output names and a
+    dynamic axis for every dynamic dimension of the recipe (so the larger batch runs)."""
+    import torch
+
+    args = tuple(torch.from_numpy(a) for a in random_feeds(recipe, recipe.signature.inputs[0].shape[0]).values())
+    dynamic_axes = {s.name: {d.axis: d.name for d in s.dynamic} for s in recipe.signature.inputs if s.dynamic}
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        input_names=recipe.signature.names,
+        output_names=["output"],
+        dynamic_axes=dynamic_axes or None,
+    )
+
+
+class CalibrationReader:
+    """The ``CalibrationDataReader`` a user writes: one sample per ``get_next``, then ``None``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], names: list[str]):
+        n = len(arrays[names[0]])
+        self._it = iter([{k: arrays[k][i : i + 1] for k in names} for i in range(n)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def worker_export(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the recipe's model and export it with :func:`default_export` to ``spec["out"]``."""
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    recipe = load_recipe(spec["recipe"], default_registry())
+    model = load_model(recipe)
+    default_export(model, recipe, Path(spec["out"]))
+    return {"path": spec["out"]}
+
+
+def worker_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """``quantize_static(fp32, int8, reader)`` with ORT's defaults, calibrated on the recipe's
+    calibration data (one sample per batch, the recipe's preprocessing)."""
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+    from onnxruntime.quantization import quantize_static
+
+    reg = default_registry()
+    recipe = load_recipe(spec["recipe"], reg)
+    cal_spec = recipe.data["calibration"]
+    cal = reg.data_sources[cal_spec["source"]].load(cal_spec, recipe.signature)
+    quantize_static(spec["fp32"], spec["out"], CalibrationReader(cal, recipe.signature.names))
+    return {"path": spec["out"], "calibration_samples": int(len(cal[recipe.signature.names[0]]))}
+
+
+def run_worker(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """Run this script as a worker subprocess; return its result and its wall time in s.
+    Raises RuntimeError with the worker's last output lines when it fails."""
+    cmd = [sys.executable, "-m", "benchmarks.compare", *args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
+    wall = time.perf_counter() - t0
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            if "error" in result:
+                raise RuntimeError(result["error"])
+            return result, wall
+    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-8:])
+    raise RuntimeError(f"worker {' '.join(args[:3])} exited {p.returncode} without a result:\n{tail}")
+
+
+def worker_main(kind: str, variant: str | None, spec_file: str) -> int:
+    """Entry point of ``--worker``: run one job and print its result as the last stdout line."""
+    spec = json.loads(Path(spec_file).read_text())
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    try:
+        if kind == "serve":
+            result = worker_serve(variant or "", spec)
+        elif kind == "export":
+            result = worker_export(spec)
+        elif kind == "quantize":
+            result = worker_quantize(spec)
+        else:
+            raise ValueError(f"unknown worker {kind!r}")
+    except Skip as e:
+        _emit({"error": f"skipped: {e}"})
+        return 0
+    except Exception as e:  # reported to the parent, which marks the variant failed
+        _emit({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
+        return 1
+    _emit(result)
+    return 0
+
+
+# --- the accelc build ---------------------------------------------------------------------------------
+
+
+def build_accelc(recipe_path: Path, work: Path) -> dict[str, Any]:
+    """Build the recipe with ``accelc build`` in a fresh cache dir twice (cold, warm), each a
+    subprocess timed by wall clock. Returns build times (s), status, the per-stage seconds of the
+    cold build, and the final artifact (opened from the store, also when verification failed)."""
+    from accelc.cache import Store
+
+    cache, out = work / "accelc-cache", work / "accelc-out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelc.cli",
+        "build",
+        str(recipe_path),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
+    times, reports, codes = [], [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        times.append(time.perf_counter() - t0)
+        codes.append(p.returncode)
+        try:
+            reports.append(json.loads((out / "report.json").read_text()))
+        except (OSError, ValueError):
+            tail = "\n".join(p.stderr.strip().splitlines()[-5:])
+            return {
+                "cold_s": times[0],
+                "warm_s": None,
+                "status": "failed",
+                "error": f"no report.json: {tail}",
+                "artifact": None,
+            }
+    cold, warm = reports
+    res: dict[str, Any] = {
+        "cold_s": times[0],
+        "warm_s": times[1],
+        "exit_codes": codes,
+        "status": warm["status"],
+        "error": (warm.get("error") or {}).get("message"),
+        "warm_all_cached": all(s["cached"] for s in warm["stages"]),
+        "warm_rebuilt": [s["node"] for s in warm["stages"] if not s["cached"]],
+        "cold_stage_s": {s["node"]: s["seconds"] for s in cold["stages"]},
+        "artifact": None,
+    }
+    lock = json.loads((out / "accelc.lock").read_text())
+    final_node = lock["final"]["node"]
+    stage = next((s for s in warm["stages"] if s["node"] == final_node), None)
+    if stage is not None and stage["status"] == "ok":
+        art = Store(cache).open(stage["artifact"]["key"])
+        res["artifact"] = {
+            "kind": art.kind,
+            "path": str(art.path),
+            "main": art.main,
+            "digest": art.digest,
+            "meta": art.meta,
+        }
+        res["final_node"] = final_node
+    verify = [s for s in warm["stages"] if s["pass"] == "verify"]
+    res["verify"] = {s["node"]: {k: s["metrics"].get(k) for k in ("top1_agreement", "cosine")} for s in verify}
+    return res
+
+
+# --- one recipe ---------------------------------------------------------------------------------------
+
+
+def _fail_reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}" if not isinstance(e, Skip) else text
+
+
+def _empty_variant(name: str) -> dict[str, Any]:
+    return {
+        "label": LABELS[name],
+        "status": "ok",
+        "reason": None,
+        "verified": None,
+        "latency": None,
+        "throughput": None,
+        "peak_rss_mib": None,
+        "quality": None,
+        "build": {"cold_s": None, "warm_s": None, "note": ""},
+    }
+
+
+def time_block(call: Callable[..., Any], feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> list[float]:
+    """``warmup`` untimed calls, then ``iterations`` calls each timed with ``perf_counter`` (s)."""
+    for _ in range(warmup):
+        call(feeds)
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        call(feeds)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def alternate(
+    calls: dict[str, Callable[..., Any]],
+    feeds_1: dict[str, np.ndarray],
+    feeds_n: dict[str, np.ndarray],
+    settings: Settings,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """Timing rounds: each round times every variant at batch 1, then every variant at the larger
+    batch, in :func:`round_order`. Returns per-variant, per-round call times (s) for both."""
+    lat: dict[str, list[list[float]]] = {k: [] for k in calls}
+    tput: dict[str, list[list[float]]] = {k: [] for k in calls}
+    for r in range(settings.rounds):
+        progress(f"timing round {r + 1}/{settings.rounds}")
+        order = round_order(list(calls), r)
+        for name in order:
+            gc.collect()
+            lat[name].append(time_block(calls[name], feeds_1, settings.warmup, settings.iterations))
+        for name in order:
+            gc.collect()
+            tput[name].append(time_block(calls[name], feeds_n, 1, settings.throughput_iterations))
+    return lat, tput
+
+
+def count_macs(model: Any, feeds: dict[str, np.ndarray], names: list[str]) -> int:
+    """Multiply-accumulates of one forward pass in ``nn.Conv2d`` and ``nn.Linear`` layers (hooks)."""
+    import torch
+
+    total = 0
+
+    def hook(mod: Any, _inp: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(mod, torch.nn.Conv2d):
+            kh, kw = mod.kernel_size
+            total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+        elif isinstance(mod, torch.nn.Linear):
+            total += out.numel() * mod.in_features
+
+    device = next(model.parameters()).device
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.inference_mode():
+            model(*[torch.from_numpy(feeds[n]).to(device) for n in names])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def gemm_peaks(threads: int, repeats: int = 20, size: int = 1024) -> dict[str, float]:
+    """The machine's practical matrix-multiply peaks with ONNX Runtime's kernels at ``threads``:
+    ``int8_gops`` (``MatMulInteger``, u8 x s8, the VNNI path) and ``fp32_gflops`` (``MatMul``),
+    from the fastest of ``repeats`` x 10 calls at ``size``³ (2 operations per MAC). The fastest
+    call is the least disturbed by other processes; on a busy machine it still reads low."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "int8_gops": (
+            "MatMulInteger",
+            TensorProto.UINT8,
+            rng.integers(-127, 127, (size, size), dtype=np.int8),
+            TensorProto.INT32,
+            rng.integers(0, 255, (size, size), dtype=np.uint8),
+        ),
+        "fp32_gflops": (
+            "MatMul",
+            TensorProto.FLOAT,
+            rng.standard_normal((size, size), dtype=np.float32),
+            TensorProto.FLOAT,
+            rng.standard_normal((size, size), dtype=np.float32),
+        ),
+    }
+    out = {}
+    for key, (op, a_type, b, y_type, a) in cases.items():
+        graph = helper.make_graph(
+            [helper.make_node(op, ["A", "B"], ["Y"])],
+            "gemm",
+            [helper.make_tensor_value_info("A", a_type, [size, size])],
+            [helper.make_tensor_value_info("Y", y_type, [size, size])],
+            [numpy_helper.from_array(b, "B")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        sess = ort.InferenceSession(
+            model.SerializeToString(), ort_session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        run = sess.run
+        best = min(min(time_block(lambda f, run=run: run(None, f), {"A": a}, 2, 10)) for _ in range(repeats))
+        out[key] = 2.0 * size**3 / best / 1e9
+    return out
+
+
+def profile_variants(
+    calls: dict[str, Callable[..., Any]],
+    spec: dict[str, Any],
+    feeds_1: dict[str, np.ndarray],
+    work: Path,
+    runs: int,
+) -> dict[str, Any]:
+    """Where the batch-1 time goes, per operator type (``benchmarks.summary.op_profile``): ONNX
+    Runtime's node profile for the ONNX variants, torch.profiler's top-level operators for eager
+    FP32 (each run inside a ``record_function`` so operators are matched across runs). Times in
+    ms per run; ``kernels_min_ms`` is the noise-robust sum of per-node minimums."""
+    out: dict[str, Any] = {}
+    onnx_paths = {"ort_fp32": spec.get("ort_fp32"), "ort_int8_qs": spec.get("ort_int8_qs")}
+    if spec.get("accelc") and spec["accelc"]["kind"].startswith("onnx"):
+        onnx_paths["accelc"] = str(Path(spec["accelc"]["path"]) / spec["accelc"]["main"])
+    for name, path in onnx_paths.items():
+        if not path or name not in calls:
+            continue
+        try:
+            call = OrtCall(path, spec["threads"], spec["device"], profile_prefix=str(work / f"profile-{name}"))
+        except Skip:
+            continue
+        for _ in range(runs + 1):  # the first, cold, run is left out of the summary
+            call(feeds_1)
+        out[name] = ort_profile_summary(json.loads(Path(call.session.end_profiling()).read_text()))
+    if "eager" in calls:
+        import torch
+
+        call = calls["eager"]
+        call(feeds_1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for i in range(runs):
+                with torch.profiler.record_function(f"bench-run-{i}"):
+                    call(feeds_1)
+        per_node: dict[tuple[str, str], list[float]] = {}
+        run_us = []
+        for e in prof.events():
+            if e.name.startswith("bench-run-"):
+                run_us.append(e.cpu_time_total)
+                for k, child in enumerate(e.cpu_children):
+                    per_node.setdefault((child.name, str(k)), []).append(child.cpu_time_total)
+        out["eager"] = op_profile(per_node, runs)
+        out["eager"]["run_ms"] = float(np.mean(run_us)) / 1e3 if run_us else None
+        out["eager"]["overhead_ms"] = None
+    return out
+
+
+def prepare_alternatives(
+    recipe: Any,
+    spec: dict[str, Any],
+    vres: dict[str, dict[str, Any]],
+    work: Path,
+    env: dict[str, str],
+    say: Callable[[str], None],
+) -> Path:
+    """Export with torch's defaults, then ``quantize_static`` with ORT's defaults, each a timed
+    subprocess; record the files (or why not) in ``spec`` and the times in ``vres``. Returns the
+    spec file the memory subprocesses read."""
+    export_s: float | None = None
+    spec_file = work / "spec.json"
+    if {"ort_fp32", "ort_int8_qs"} & set(vres):
+        say("torch.onnx.export with defaults")
+        spec_file.write_text(json.dumps({**spec, "out": str(work / "fp32.onnx")}))
+        try:
+            _, export_s = run_worker(["--worker", "export", "--spec", str(spec_file)], env)
+            spec["ort_fp32"] = str(work / "fp32.onnx")
+            if "ort_fp32" in vres:
+                vres["ort_fp32"]["build"] = {
+                    "cold_s": export_s,
+                    "warm_s": None,
+                    "note": "export subprocess wall time; nothing is cached",
+                }
+        except RuntimeError as e:
+            spec["ort_fp32_reason"] = spec["ort_int8_qs_reason"] = f"export failed: {e}"
+            export_s = None
+    if "ort_int8_qs" in vres and spec.get("ort_fp32"):
+        if "calibration" not in recipe.data:
+            spec["ort_int8_qs_reason"] = "the recipe has no calibration data"
+        else:
+            say("quantize_static with defaults")
+            spec_file.write_text(json.dumps({**spec, "fp32": spec["ort_fp32"], "out": str(work / "int8_qs.onnx")}))
+            try:
+                _, quant_s = run_worker(["--worker", "quantize", "--spec", str(spec_file)], env)
+                spec["ort_int8_qs"] = str(work / "int8_qs.onnx")
+                vres["ort_int8_qs"]["build"] = {
+                    "cold_s": (export_s or 0.0) + quant_s,
+                    "warm_s": None,
+                    "note": "export + quantize_static subprocess wall times; nothing is cached",
+                }
+            except RuntimeError as e:
+                spec["ort_int8_qs_reason"] = f"quantize_static failed: {e}"
+    spec_file.write_text(json.dumps(spec))
+    return spec_file
+
+
+def measure_memory(
+    spec_file: Path, vres: dict[str, dict[str, Any]], env: dict[str, str], say: Callable[[str], None]
+) -> None:
+    """Each variant's peak RSS from a subprocess of its own; torch.compile runs twice, with an empty
+    and then a populated inductor cache, and its first calls' time is its build time (s)."""
+    for name, v in vres.items():
+        passes = ("cold", "warm") if name == "compile" else ("",)
+        for which in passes:
+            say(f"memory: {name} {which}".rstrip())
+            try:
+                r, _ = run_worker(["--worker", "serve", "--variant", name, "--spec", str(spec_file)], env)
+            except RuntimeError as e:
+                v["status"], v["reason"] = ("skipped" if str(e).startswith("skipped:") else "failed"), str(e)
+                break
+            v["peak_rss_mib"] = r["peak_rss_mib"]
+            v.setdefault("worker", {})[which or "run"] = r
+            if name == "compile":
+                compile_s = sum(r["first_call_s"].values())
+                v["build"][f"{which}_s"] = compile_s
+                v["build"]["note"] = (
+                    "first calls at batch 1 and the larger batch in a fresh process, "
+                    "empty (cold) then populated (warm) inductor cache; imports excluded"
+                )
+
+
+def bench_recipe(
+    recipe_path: Path,
+    settings: Settings,
+    threads: int,
+    variants: list[str],
+    work: Path,
+    batch: int | None,
+    profile: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Measure every variant for one recipe; returns the recipe result (see ``benchmarks.summary``)."""
+    from accelc.passes.verification import compare_outputs
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    reg = default_registry()
+    recipe = load_recipe(recipe_path, reg)
+    device = reg.targets[recipe.target].device
+    res: dict[str, Any] = {
+        "recipe": recipe.name,
+        "file": str(recipe_path),
+        "target": recipe.target,
+        "device": device,
+        "status": "ok",
+        "notes": [],
+        "load_avg_start": os.getloadavg(),
+    }
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            res.update(
+                status="skipped",
+                reason=f"target '{recipe.target}' needs a CUDA GPU and "
+                "torch.cuda.is_available() is False on this machine",
+            )
+            return res
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [b for b in recipe.benchmark.get("batch_sizes", [1, 8]) if b > 1] or [8]
+    big = min(batch or max(sizes), recipe.signature.max_batch())
+    res["batch"] = big
+    vres = {name: _empty_variant(name) for name in VARIANTS if name in variants}
+    res["variants"] = vres
+    spec: dict[str, Any] = {
+        "recipe": str(recipe_path),
+        "threads": threads,
+        "device": device,
+        "batch": big,
+        "rss_iterations": settings.rss_iterations,
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+
+    # 1. accelc build, cold then warm
+    if "accelc" in vres:
+        say("accelc build (cold, then warm)")
+        b = build_accelc(recipe_path, work)
+        res["accelc_build"] = {k: v for k, v in b.items() if k != "artifact"}
+        vres["accelc"]["build"] = {
+            "cold_s": b["cold_s"],
+            "warm_s": b["warm_s"],
+            "note": "accelc build subprocess wall time: fresh cache dir, then the same again",
+        }
+        vres["accelc"]["verified"] = b["status"] == "ok"
+        if b["artifact"]:
+            spec["accelc"] = b["artifact"]
+            if b["status"] != "ok":
+                res["notes"].append(
+                    f"accelc build failed verification ({b['error']}); its final artifact "
+                    "is measured anyway, from the cache, and marked UNVERIFIED"
+                )
+        else:
+            spec["accelc_reason"] = f"build {b['status']}: {b['error']}"
+        if b.get("warm_rebuilt"):
+            res["notes"].append(
+                f"the warm rebuild re-ran {', '.join(b['warm_rebuilt'])}: their cache keys differ from the cold "
+                "build's (a pass's options, version or packages changed in between, or a key is not deterministic)"
+            )
+
+    # 2. the alternatives, prepared as a user would; 3. peak RSS per variant, one subprocess each
+    spec_file = prepare_alternatives(recipe, spec, vres, work, env, say)
+    measure_memory(spec_file, vres, env, say)
+
+    # 4. everything in this process: quality, then alternated timing
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"]
+    say("loading every variant into one process")
+    val_spec = recipe.data.get("validation")
+    if val_spec is None:
+        raise RuntimeError(f"{recipe.name}: the recipe has no validation data")
+    val = reg.data_sources[val_spec["source"]].load(val_spec, recipe.signature)
+    names = recipe.signature.names
+    n_val = len(val[names[0]])
+    feeds_1 = {k: np.ascontiguousarray(val[k][:1]) for k in names}
+    idx = np.arange(big) % n_val
+    feeds_n = {k: np.ascontiguousarray(val[k][idx]) for k in names}
+    model = load_model(recipe)
+    calls: dict[str, Callable[..., Any]] = {}
+    for name, v in vres.items():
+        if v["status"] != "ok":
+            continue
+        try:
+            calls[name] = make_call(name, spec, recipe, model=model)
+            calls[name](feeds_1)  # compile / session warm-up at both batch sizes, in timing order
+            calls[name](feeds_n)
+        except Exception as e:
+            v["status"], v["reason"] = ("skipped" if isinstance(e, Skip) else "failed"), _fail_reason(e)
+            calls.pop(name, None)
+    if "eager" not in calls:
+        raise RuntimeError(f"{recipe.name}: eager FP32, the reference, did not run: {vres['eager']['reason']}")
+
+    say(f"quality on {n_val} validation samples (batch {big})")
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in calls}
+    for s in range(0, n_val, big):
+        feeds = {k: np.ascontiguousarray(val[k][s : s + big]) for k in names}
+        for name, call in calls.items():
+            outs[name].append(call(feeds))
+    ref = np.concatenate(outs["eager"])
+    res["reference_margin"] = margin_stats(ref)
+    for name in calls:
+        m = compare_outputs(ref, np.concatenate(outs[name]))
+        m["margin"] = margin_stats(ref, np.concatenate(outs[name]))
+        vres[name]["quality"] = {
+            k: m[k] for k in ("samples", "top1_agreement", "cosine", "cosine_min", "max_abs_error", "margin")
+        }
+
+    lat, tput = alternate(calls, feeds_1, feeds_n, settings, say)
+    for name in calls:
+        vres[name]["latency"] = latency_summary(lat[name])
+        vres[name]["throughput"] = throughput_summary(tput[name], big)
+    if profile:
+        say("profiling batch 1")
+        prof = profile_variants(calls, spec, feeds_1, work, runs=max(20, settings.iterations))
+        res["macs"] = count_macs(model, feeds_1, names)
+        if device == "cpu":
+            res["gemm_peaks"] = gemm_peaks(threads)
+        for p in prof.values():
+            p["conv_gops"] = conv_gops(res["macs"], p.get("conv_min_ms"))
+        res["profile"] = prof
+    res["load_avg_end"] = os.getloadavg()
+    for name, v in vres.items():
+        if v["status"] != "ok":
+            res["notes"].append(f"{name} {v['status']}: {v['reason']}")
+    return finish_recipe(res)
+
+
+# --- the document -------------------------------------------------------------------------------------
+
+
+def _cpu_family_model() -> str | None:
+    """``"family 25, model 17"`` from /proc/cpuinfo (names a CPU generation when a hypervisor
+    reports only a brand string such as "AMD EPYC"); ``None`` off Linux."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip():
+                break
+    except OSError:
+        return None
+    if len(fields) < 2:
+        return None
+    return f"family {fields['cpu family']}, model {fields['model']}"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, CPU count, ISA flags that matter for INT8, OS, Python and package versions."""
+    from accelc.environment import package_version
+    from accelc.host import Host
+
+    host = Host()
+    info: dict[str, Any] = {
+        "cpu": host.cpu_model,
+        "cpu_family_model": _cpu_family_model(),
+        "cpus": host.cpu_count,
+        "avx512f": "avx512f" in host.cpu_flags,
+        "avx512_vnni": "avx512_vnni" in host.cpu_flags,
+        "amx": "amx_tile" in host.cpu_flags,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for pkg in ("accelc", "torch", "onnxruntime", "onnx", "numpy"):
+        info[pkg] = package_version(pkg)
+    cuda = host.cuda
+    if cuda:
+        info["gpu"] = cuda
+    return info
+
+
+def resolve_recipes(names: list[str] | None) -> list[Path]:
+    """Recipe files from names (``resnet18_cpu_int8``) or paths; default: every recipe in recipes/."""
+    if not names:
+        return sorted(RECIPES.glob("*.yaml"))
+    out = []
+    for n in names:
+        p = Path(n)
+        if not p.suffix:
+            p = RECIPES / f"{n}.yaml"
+        if not p.is_file():
+            known = ", ".join(sorted(x.stem for x in RECIPES.glob("*.yaml")))
+            raise SystemExit(f"no recipe {n!r} (known: {known})")
+        out.append(p.resolve())
+    return out
+
+
+def print_recipe(console: Any, r: dict[str, Any], threads: int) -> None:
+    """The recipe's two tables (speed; quality and cost), best alternatives, targets and notes."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if r["status"] != "ok":
+        console.print(f"[yellow]{r['status']}[/] {escape(r['recipe'])}: {escape(r.get('reason', ''))}")
+        return
+    for cols, title in ((SPEED_COLUMNS, "speed"), (COST_COLUMNS, "quality and cost")):
+        header, rows = table_rows(r, cols)
+        t = Table(title=f"{r['recipe']} ({r['device']}, {threads} threads): {title}", title_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        for row in rows:
+            t.add_row(*map(escape, row))
+        console.print(t)
+    best = r["best_alternative"]
+    console.print(f"best alternative: {best['latency']} (batch-1 p50), {best['throughput']} (throughput)")
+    for line in target_lines(r):
+        style = "green" if line.startswith("met") else "red" if line.startswith("MISSED") else "yellow"
+        console.print(f"[{style}]{escape(line)}[/]")
+    for note in r.get("notes", []):
+        console.print(f"[dim]note: {escape(note)}[/]")
+    for line in quality_lines(r):
+        console.print(f"[dim]flips: {escape(line)}[/]")
+    for line in profile_lines(r):
+        console.print(f"[dim]profile: {escape(line)}[/]")
+
+
+def write_outputs(doc: dict[str, Any], json_path: Path, markdown_path: Path) -> None:
+    """Write the JSON document and its Markdown rendering (directories created as needed)."""
+    for dest, text in ((json_path, to_json(doc)), (markdown_path, render_markdown(doc))):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+
+
+def rerender(json_path: Path, markdown_path: Path) -> int:
+    """``--from-json``: print a saved result's tables and write its Markdown, measuring nothing."""
+    from rich.console import Console
+
+    doc = json.loads(json_path.read_text())
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+    for r in doc.get("recipes", []):
+        console.rule(r.get("recipe", "?"))
+        print_recipe(console, r, doc.get("threads", "?"))
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text(render_markdown(doc))
+    console.print(f"wrote {markdown_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line; see ``--help``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Build accelc's recipes and compare each artifact with eager PyTorch FP32, "
+        "torch.compile, ONNX Runtime FP32 and the quantize_static one-liner, in one run on the same inputs.",
+    )
+    ap.add_argument("--recipes", nargs="+", metavar="NAME", help="recipe names or files (default: all in recipes/)")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="variants to measure (eager, the reference, is always included)",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: few rounds and iterations; not for quoting")
+    ap.add_argument("--rounds", type=int, help=f"alternated timing rounds (default {FULL.rounds})")
+    ap.add_argument("--iterations", type=int, help=f"timed batch-1 calls per variant per round ({FULL.iterations})")
+    ap.add_argument(
+        "--throughput-iterations",
+        type=int,
+        help=f"timed larger-batch calls per variant per round ({FULL.throughput_iterations})",
+    )
+    ap.add_argument("--batch", type=int, help="the larger batch (default: the recipe's largest benchmark batch)")
+    ap.add_argument("--threads", type=int, help="threads for every variant (default: the CPUs this process may use)")
+    ap.add_argument("--profile", action="store_true", help="also profile batch 1: per-operator time")
+    ap.add_argument("--conditions", default="", help="free text recorded with the results (e.g. machine load)")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=REPO / "build" / "benchmarks" / "compare.json",
+        help="write the results here (default: build/benchmarks/compare.json)",
+    )
+    ap.add_argument(
+        "--markdown",
+        type=Path,
+        default=REPO / "build" / "benchmarks" / "compare.md",
+        help="write the README section here (default: build/benchmarks/compare.md)",
+    )
+    ap.add_argument("--workdir", type=Path, help="keep builds and exports here (default: a temp dir, removed)")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="measure nothing: print the tables of a saved JSON result and write its --markdown",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker_main(a.worker, a.variant, a.spec)
+    if a.from_json:
+        return rerender(a.from_json, a.markdown)
+
+    from accelc.runners import default_threads
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped to a file: do not fold the tables at 80 columns
+        console = Console(highlight=False, width=150)
+    base = QUICK if a.quick else FULL
+    settings = Settings(
+        rounds=a.rounds or base.rounds,
+        iterations=a.iterations or base.iterations,
+        throughput_iterations=a.throughput_iterations or base.throughput_iterations,
+        warmup=base.warmup,
+        rss_iterations=base.rss_iterations,
+        quick=a.quick,
+    )
+    threads = a.threads or default_threads()
+    variants = list(dict.fromkeys(["eager", *a.variants]))
+    recipes = resolve_recipes(a.recipes)
+    machine = machine_info()
+    console.print(
+        f"machine: {escape(machine['cpu'])}, {machine['cpus']} CPUs"
+        f"{', AVX-512 VNNI' if machine['avx512_vnni'] else ''}; torch {machine['torch']}, "
+        f"onnxruntime {machine['onnxruntime']}"
+    )
+    console.print(
+        f"threads: {threads} for every variant (torch.set_num_threads, ORT intra_op_num_threads; "
+        f"inter_op 1); settings: {settings}"
+    )
+    work_root = a.workdir or Path(tempfile.mkdtemp(prefix="accelc-bench-"))
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine,
+        "threads": threads,
+        "settings": asdict(settings),
+        "conditions": a.conditions,
+        "recipes": [],
+    }
+    try:
+        for path in recipes:
+            console.rule(path.stem)
+            with console.status(path.stem) as status:
+
+                def say(msg: str, _s: Any = status, _n: str = path.stem) -> None:
+                    _s.update(f"{_n}: {msg}")
+
+                try:
+                    r = bench_recipe(path, settings, threads, variants, work_root / path.stem, a.batch, a.profile, say)
+                except Exception as e:  # one broken recipe must not lose the others' results
+                    r = {
+                        "recipe": path.stem,
+                        "file": str(path),
+                        "status": "failed",
+                        "reason": _fail_reason(e),
+                    }
+            doc["recipes"].append(r)
+            print_recipe(console, r, threads)
+            write_outputs(doc, a.json, a.markdown)  # after every recipe: an interrupted run keeps what it measured
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work_root, ignore_errors=True)
+    console.print(f"wrote {a.json} and {a.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The comparison benchmark's pure helpers (benchmarks/summary.py): statistics, ratios, targets,
+table, Markdown and JSON shapes, on small fake data. Nothing here is timed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _load_summary():
+    """benchmarks/ is a script folder at the repo root, not an installed package: load the module
+    by path rather than putting the repo root (and its compiler/, passes/ folders) on sys.path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summary.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+S = _load_summary()
+
+
+def _variant(p50_ms: float, tput: float, top1: float = 1.0, **extra):
+    v = {
+        "label": "x",
+        "status": "ok",
+        "reason": None,
+        "verified": None,
+        "latency": S.latency_summary([[p50_ms / 1e3] * 5, [p50_ms / 1e3] * 5]),
+        "throughput": S.throughput_summary([[8 / tput] * 2, [8 / tput] * 2], 8),
+        "peak_rss_mib": 100.0,
+        "quality": {
+            "samples": 96,
+            "top1_agreement": top1,
+            "cosine": 0.999,
+            "cosine_min": 0.99,
+            "max_abs_error": 0.1,
+        },
+        "build": {"cold_s": None, "warm_s": None, "note": ""},
+    }
+    v.update(extra)
+    return v
+
+
+def _recipe(name="efficientnet_lite0_cpu_int8", **accelc_extra):
+    return {
+        "recipe": name,
+        "device": "cpu",
+        "status": "ok",
+        "batch": 8,
+        "notes": [],
+        "variants": {
+            "eager": _variant(20.0, 60.0),
+            "compile": _variant(10.0, 100.0),
+            "ort_fp32": _variant(5.0, 300.0),
+            "ort_int8_qs": _variant(4.0, 250.0, top1=0.9),
+            "accelc": _variant(
+                2.0,
+                500.0,
+                top1=0.99,
+                **{"verified": True, "build": {"cold_s": 16.0, "warm_s": 0.4}, **accelc_extra},
+            ),
+        },
+    }
+
+
+def test_round_order_rotates_so_every_variant_leads_once():
+    names = ["a", "b", "c"]
+    orders = [S.round_order(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert S.round_order(names, 3) == names
+    assert S.round_order([], 5) == []
+
+
+def test_latency_summary_takes_median_of_round_medians_and_pooled_p99():
+    rounds = [[0.001, 0.002, 0.003], [0.010, 0.010, 0.010], [0.002, 0.002, 0.002]]
+    s = S.latency_summary(rounds)
+    assert s["p50_ms"] == pytest.approx(2.0)  # medians 2, 10, 2 -> 2: one disturbed round does not move it
+    assert (s["p50_min_ms"], s["p50_max_ms"]) == pytest.approx((2.0, 10.0))
+    assert s["spread_pct"] == pytest.approx(400.0)
+    assert s["rounds"] == 3 and s["iterations"] == 9
+    assert s["p99_ms"] == pytest.approx(10.0)
+    assert s["p99_min_ms"] <= s["p99_max_ms"]
+
+
+def test_latency_summary_rejects_empty_timings():
+    with pytest.raises(ValueError):
+        S.latency_summary([[], []])
+
+
+def test_throughput_summary_is_batch_over_mean_time_per_round():
+    s = S.throughput_summary([[0.1, 0.1], [0.2, 0.2], [0.1, 0.3]], batch=8)
+    assert s["samples_per_s"] == pytest.approx(40.0)  # rounds: 80, 40, 40
+    assert (s["min"], s["max"]) == pytest.approx((40.0, 80.0))
+    assert s["batch"] == 8 and s["iterations"] == 6
+
+
+def test_ratio_is_times_better_for_latency_and_throughput():
+    assert S.ratio(20.0, 5.0, higher_is_better=False) == pytest.approx(4.0)
+    assert S.ratio(100.0, 250.0, higher_is_better=True) == pytest.approx(2.5)
+    assert S.ratio(None, 5.0, False) is None
+    assert S.ratio(20.0, 0.0, False) is None
+
+
+def test_best_alternative_excludes_accelc_and_missing_values():
+    p50 = {"eager": 20.0, "ort_fp32": 5.0, "ort_int8_qs": None, "accelc": 1.0}
+    assert S.best_alternative(p50, higher_is_better=False) == "ort_fp32"
+    assert S.best_alternative({"eager": 1.0, "accelc": 9.0}, higher_is_better=True) == "eager"
+    assert S.best_alternative({"accelc": 1.0}, higher_is_better=False) is None
+
+
+def test_finish_recipe_adds_ratios_best_alternative_and_targets():
+    r = S.finish_recipe(_recipe())
+    assert r["best_alternative"] == {"latency": "ort_int8_qs", "throughput": "ort_fp32"}
+    acc = r["variants"]["accelc"]["ratios"]
+    assert acc["p50_vs_eager"] == pytest.approx(10.0)
+    assert acc["p50_vs_best_alt"] == pytest.approx(2.0)
+    assert acc["throughput_vs_eager"] == pytest.approx(500 / 60)
+    assert acc["throughput_vs_best_alt"] == pytest.approx(500 / 300)
+    assert r["variants"]["ort_int8_qs"]["ratios"]["p50_vs_best_alt"] == pytest.approx(1.0)
+    met = {t["metric"]: t["met"] for t in r["targets"]}
+    assert met == {
+        "verified": True,
+        "warm_build_s": True,
+        "speedup_vs_eager": True,
+        "p50_vs_quantize_static": True,
+        "top1_agreement": True,
+    }
+
+
+def test_targets_report_misses_and_unmeasured_values():
+    r = _recipe(verified=False)
+    r["variants"]["accelc"]["quality"]["top1_agreement"] = 0.75
+    r["variants"]["accelc"]["latency"] = S.latency_summary([[0.005]])  # 4x eager, slower than quantize_static
+    r["variants"]["accelc"]["build"]["warm_s"] = None
+    met = {t["metric"]: t["met"] for t in S.finish_recipe(r)["targets"]}
+    assert met == {
+        "verified": False,
+        "warm_build_s": None,
+        "speedup_vs_eager": False,
+        "p50_vs_quantize_static": False,
+        "top1_agreement": False,
+    }
+    lines = S.target_lines(r)
+    assert any(line.startswith("MISSED") and "0.75" in line for line in lines)
+    assert any(line.startswith("not measured") for line in lines)
+
+
+def test_recipes_without_targets_get_the_common_ones():
+    r = S.finish_recipe(_recipe(name="some_fp32_recipe"))
+    assert [t["metric"] for t in r["targets"]] == ["verified", "warm_build_s"]
+
+
+def test_table_rows_follow_variant_order_and_mark_unverified_artifacts():
+    r = S.finish_recipe(_recipe(verified=False))
+    del r["variants"]["compile"]
+    header, rows = S.table_rows(r)
+    assert header[0] == "variant" and len(header) == 1 + len(S.COLUMNS)
+    assert "bs8 samples/s (range)" in header
+    assert [row[0] for row in rows] == [
+        "eager FP32",
+        "ORT FP32",
+        "ORT INT8 quantize_static",
+        "accelc (UNVERIFIED)",
+    ]
+    assert all(len(row) == len(header) for row in rows)
+    eager, acc = rows[0], rows[-1]
+    assert eager[header.index("p50 ×eager")] == "1.00×"
+    assert acc[header.index("p50 ×eager")] == "10.00×"
+    assert acc[header.index("build s cold / warm")] == "16.0 / 0.40"
+    assert eager[header.index("build s cold / warm")] == S.DASH
+
+
+def test_speed_and_cost_columns_split_the_full_table():
+    assert S.SPEED_COLUMNS + S.COST_COLUMNS == tuple(S.COLUMNS)
+
+
+def test_markdown_has_machine_table_targets_and_skips():
+    doc = {
+        "date": "2026-01-01 00:00 UTC",
+        "machine": {
+            "cpu": "Test CPU",
+            "cpu_family_model": "family 25, model 17",
+            "cpus": 2,
+            "avx512_vnni": True,
+            "torch": "t",
+            "onnxruntime": "o",
+        },
+        "threads": 2,
+        "settings": {"rounds": 3, "iterations": 10, "throughput_iterations": 2, "quick": True},
+        "conditions": "busy machine",
+        "recipes": [
+            S.finish_recipe(_recipe()),
+            {"recipe": "resnet18_t4_int8", "status": "skipped", "reason": "no CUDA GPU"},
+        ],
+    }
+    md = S.render_markdown(doc)
+    assert "Test CPU (family 25, model 17) (2 CPUs, AVX-512 VNNI), 2 threads" in md
+    assert "quick smoke run" in md and "Conditions: busy machine" in md
+    assert "| variant | bs1 p50 ms (range) |" in md
+    assert "**resnet18_t4_int8**: skipped: no CUDA GPU" in md
+    assert "- met: batch-1 p50 at least 8x faster than eager FP32" in md
+
+
+def test_markdown_table_escapes_pipes():
+    text = S.markdown_table(["a", "b"], [["x|y", "z"]])
+    assert text.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | z |"]
+
+
+def test_to_json_is_strict_json_with_nulls_for_non_finite_numbers():
+    import numpy as np
+
+    doc = {"schema": S.SCHEMA_VERSION, "a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": (1, 2)}
+    back = json.loads(S.to_json(doc))
+    assert back == {"schema": S.SCHEMA_VERSION, "a": None, "b": [1.5, None], "c": [1, 2]}
+
+
+def test_ort_profile_summary_groups_by_operator_type_and_drops_the_cold_first_run():
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 9000},  # cold: left out
+        node("conv1", "QLinearConv", 10, 8000),
+        {"cat": "Session", "name": "model_run", "ts": 10000, "dur": 3000},
+        node("conv1", "QLinearConv", 10010, 1000),
+        node("conv2", "QLinearConv", 10020, 1500),
+        node("add", "Add", 10030, 300),
+        {"cat": "Session", "name": "model_run", "ts": 20000, "dur": 5000},
+        node("conv1", "QLinearConv", 20010, 3000),
+        node("conv2", "QLinearConv", 20020, 1500),
+        node("add", "Add", 20030, 500),
+        {"cat": "Node", "name": "conv1_fence_before", "ts": 20040, "dur": 50, "args": {"op_name": "QLinearConv"}},
+    ]
+    p = S.ort_profile_summary(events)
+    assert p["runs"] == 2
+    assert p["run_ms"] == pytest.approx(4.0)
+    assert p["kernels_ms"] == pytest.approx((1.0 + 1.5 + 0.3 + 3.0 + 1.5 + 0.5) / 2)
+    assert p["kernels_min_ms"] == pytest.approx(1.0 + 1.5 + 0.3)
+    assert p["conv_min_ms"] == pytest.approx(2.5)
+    assert p["overhead_ms"] == pytest.approx(4.0 - p["kernels_ms"])
+    assert [(o["op"], o["nodes"]) for o in p["ops"]] == [("QLinearConv", 2), ("Add", 1)]
+    assert p["ops"][0]["ms"] == pytest.approx(3.5)
+    assert p["ops"][0]["min_ms"] == pytest.approx(2.5)
+
+
+def test_op_profile_sum_of_minimums_ignores_a_disturbed_run():
+    per_node = {("aten::conv2d", "0"): [1000.0, 9000.0], ("aten::relu_", "1"): [100.0, 100.0]}
+    p = S.op_profile(per_node, runs=2)
+    assert p["kernels_min_ms"] == pytest.approx(1.1)
+    assert p["kernels_ms"] == pytest.approx(5.1)
+    assert p["conv_min_ms"] == pytest.approx(1.0)
+    assert p["ops"][0]["share_pct"] == pytest.approx(100 * 5.0 / 5.1)
+
+
+def test_conv_gops_counts_two_operations_per_mac():
+    assert S.conv_gops(1_000_000_000, 10.0) == pytest.approx(200.0)
+    assert S.conv_gops(None, 10.0) is None and S.conv_gops(10, 0.0) is None
+
+
+def test_profile_lines_compare_convolutions_with_the_matching_gemm_peak():
+    r = _recipe()
+    r["macs"] = 1_000_000_000
+    r["gemm_peaks"] = {"int8_gops": 800.0, "fp32_gflops": 100.0}
+    r["profile"] = {
+        "eager": {"run_ms": 25.0, "kernels_ms": 24.0, "kernels_min_ms": 20.0, "conv_gops": 50.0, "ops": []},
+        "accelc": {
+            "run_ms": 3.0,
+            "kernels_ms": 2.8,
+            "kernels_min_ms": 2.5,
+            "conv_gops": 400.0,
+            "ops": [{"op": "QLinearConv", "ms": 2.6, "min_ms": 2.4, "share_pct": 93.0, "nodes": 20}],
+        },
+    }
+    lines = S.profile_lines(r)
+    assert lines[0].startswith("model: 1.000 GMAC")
+    assert "INT8 800 GOP/s" in lines[1]
+    assert "eager FP32" in lines[2] and "(50% of the GEMM peak)" in lines[2]
+    assert "accelc" in lines[3] and "(50% of the GEMM peak)" in lines[3] and "QLinearConv 2.40" in lines[3]
+
+
+def test_margin_stats_measure_near_ties_behind_flipped_decisions():
+    import numpy as np
+
+    ref = np.array([[0.0, 1.0, 5.0], [2.0, 2.1, 0.0], [3.0, 0.0, 0.5]])
+    out = np.array([[0.0, 1.0, 4.0], [2.2, 2.0, 0.0], [3.0, 0.0, 0.5]])
+    m = S.margin_stats(ref, out)
+    assert m["median"] == pytest.approx(2.5) and m["min"] == pytest.approx(0.1)
+    assert m["flipped"] == 1 and m["max_flipped_gap"] == pytest.approx(0.1)
+    assert S.margin_stats(ref, ref)["max_flipped_gap"] is None
+    assert "flipped" not in S.margin_stats(ref)
+
+
+def test_quality_lines_explain_only_variants_with_flips():
+    r = _recipe()
+    r["reference_margin"] = {"median": 2.0, "p10": 0.5, "min": 0.01}
+    r["variants"]["accelc"]["quality"]["margin"] = {"flipped": 4, "max_flipped_gap": 0.05}
+    r["variants"]["eager"]["quality"]["margin"] = {"flipped": 0, "max_flipped_gap": None}
+    lines = S.quality_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("accelc: 4/96 samples flip")
+    assert "0.050" in lines[0] and "2.000" in lines[0]
