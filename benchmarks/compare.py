@@ -320,9 +320,10 @@ def worker_export(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     """``quantize_static(fp32, int8, reader)`` with ORT's defaults, calibrated on the recipe's
     calibration data (one sample per batch, the recipe's preprocessing)."""
+    from onnxruntime.quantization import quantize_static
+
     from accelc.recipe import load_recipe
     from accelc.registry import default_registry
-    from onnxruntime.quantization import quantize_static
 
     reg = default_registry()
     recipe = load_recipe(spec["recipe"], reg)
@@ -1002,9 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_json:
         return rerender(a.from_json, a.markdown)
 
-    from accelc.runners import default_threads
     from rich.console import Console
     from rich.markup import escape
+
+    from accelc.runners import default_threads
 
     console = Console(highlight=False)
     if not console.is_terminal:  # piped to a file: do not fold the tables at 80 columns

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import RUNNABLE_KINDS, Artifact
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 from accelc.runners import default_threads

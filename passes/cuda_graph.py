@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot

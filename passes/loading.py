@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot

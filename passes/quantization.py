@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import Artifact
 from accelc.errors import PassError, VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot

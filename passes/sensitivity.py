@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from accelc.runners import ort_session
 
 from .loading import iter_batches

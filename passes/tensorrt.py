@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import Artifact, sha256_file
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from accelc.artifacts import RUNNABLE_KINDS, Artifact
 from accelc.errors import VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot

@@ -17,11 +17,12 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from onnx import TensorProto, helper, numpy_helper
+
 from accelc.build import build, plan, prepare
 from accelc.errors import GraphError
 from accelc.passes.quantization import pin_float_nodes
 from accelc.passes.sensitivity import quality_key, search_fallback
-from onnx import TensorProto, helper, numpy_helper
 
 MODULE = "accelc_test_sensitive_net"
 MODEL_SOURCE = '''

@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from builders import FIXTURES, write_tiny_recipe
+
 from accelc.build import build
 from accelc.passes.benchmark import latency_stats
 from accelc.passes.fusion import fold_conv_bn
 from accelc.passes.verification import compare_outputs, tolerance_failures
-from builders import FIXTURES, write_tiny_recipe
 
 sys.path.insert(0, str(FIXTURES))
 from tiny_models import TinyConvNet  # noqa: E402

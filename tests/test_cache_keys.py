@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from builders import write_tiny_recipe
+
 from accelc.build import prepare
 from accelc.cache import Store
 from accelc.executor import Executor
 from accelc.host import Host
-from builders import write_tiny_recipe
 
 
 def keys(recipe, tmp_path) -> dict[str, str]:

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import REPO
+from jsonschema import Draft202012Validator
+from torch import nn
+
 from accelc.artifacts import Artifact
 from accelc.build import prepare
 from accelc.cache import Store
@@ -47,9 +51,6 @@ from accelc.runtime import (
     write_config,
 )
 from accelc.signature import InputSignature
-from builders import REPO
-from jsonschema import Draft202012Validator
-from torch import nn
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

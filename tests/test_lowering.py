@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from builders import REPO, write_tiny_recipe
+
 from accelc.build import prepare
 from accelc.cache import Store
 from accelc.errors import GraphError
 from accelc.executor import Executor
 from accelc.graph import unmet
 from accelc.host import Host, parse_capability
-from builders import REPO, write_tiny_recipe
 
 
 def test_cpu_int8_graph_order_and_wiring(tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from builders import REPO, tiny_recipe_dict, write_tiny_recipe
+
 from accelc.errors import RecipeError
 from accelc.recipe import load_recipe
 from accelc.registry import default_registry
-from builders import REPO, tiny_recipe_dict, write_tiny_recipe
 
 
 def _load(path, **kw):

@@ -19,10 +19,11 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
 from accelc.build import build
 from accelc.cache import Store
 from accelc.cli import main
-from click.testing import CliRunner
 
 
 class Notices:

@@ -22,11 +22,12 @@ import os
 import pathlib
 
 import pytest
+from click.testing import CliRunner
+
 from accelc.build import OutputError, build
 from accelc.cache import Store
 from accelc.cli import main
 from accelc.errors import CacheError
-from click.testing import CliRunner
 
 
 def _entry_bytes(store: Store, keys: set[str]) -> int:

@@ -30,6 +30,11 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
 from accelc.build import build
 from accelc.cli import main
 from accelc.errors import PassError, PluginError, RecipeError
@@ -39,10 +44,6 @@ from accelc.plugins.manager import make_plugin_manager
 from accelc.recipe import load_recipe
 from accelc.registry import build_registry, default_registry
 from accelc.schemas_loader import recipe_schema
-from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
 
 
 def cli_build(recipe: Path, tmp: Path) -> Any:

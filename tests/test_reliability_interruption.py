@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from accelc.build import build, plan
 from accelc.cache import Store
 from accelc.plugins.manager import make_plugin_manager

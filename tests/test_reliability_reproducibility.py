@@ -22,8 +22,9 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-from accelc.cli import main
 from click.testing import CliRunner
+
+from accelc.cli import main
 
 #: Passes whose artifacts may differ between identical builds (see the module docstring).
 NONDETERMINISTIC = {"benchmark": "measured latencies", "calibrate": "table order follows the hash seed"}
