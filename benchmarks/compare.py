@@ -54,17 +54,15 @@ from benchmarks.summary import (
     SPEED_COLUMNS,
     VARIANTS,
     conv_gops,
+    finding_lines,
     finish_recipe,
     latency_summary,
     margin_stats,
     op_profile,
     ort_profile_summary,
-    profile_lines,
-    quality_lines,
     render_markdown,
     round_order,
     table_rows,
-    target_lines,
     throughput_summary,
     to_json,
 )
@@ -915,15 +913,12 @@ def print_recipe(console: Any, r: dict[str, Any], threads: int) -> None:
         console.print(t)
     best = r["best_alternative"]
     console.print(f"best alternative: {best['latency']} (batch-1 p50), {best['throughput']} (throughput)")
-    for line in target_lines(r):
-        style = "green" if line.startswith("met") else "red" if line.startswith("MISSED") else "yellow"
-        console.print(f"[{style}]{escape(line)}[/]")
-    for note in r.get("notes", []):
-        console.print(f"[dim]note: {escape(note)}[/]")
-    for line in quality_lines(r):
-        console.print(f"[dim]flips: {escape(line)}[/]")
-    for line in profile_lines(r):
-        console.print(f"[dim]profile: {escape(line)}[/]")
+    for prefix, line in finding_lines(r):
+        if prefix:
+            style = "dim"
+        else:
+            style = "green" if line.startswith("met") else "red" if line.startswith("MISSED") else "yellow"
+        console.print(f"[{style}]{escape(prefix + line)}[/]")
 
 
 def write_outputs(doc: dict[str, Any], json_path: Path, markdown_path: Path) -> None:

@@ -395,15 +395,19 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         best = r.get("best_alternative", {})
         out.append("")
         out.append(f"Best alternative: {best.get('latency')} (batch-1 latency), {best.get('throughput')} (throughput).")
-        for line in target_lines(r):
-            out.append(f"- {line}")
-        for note in r.get("notes", []):
-            out.append(f"- note: {note}")
-        for line in quality_lines(r):
-            out.append(f"- flips: {line}")
-        for line in profile_lines(r):
-            out.append(f"- profile: {line}")
+        out += [f"- {prefix}{line}" for prefix, line in finding_lines(r)]
     return "\n".join(out) + "\n"
+
+
+def finding_lines(recipe: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(prefix, line)`` for everything said under a recipe's table, in order: target verdicts
+    (no prefix), notes, agreement flips and profile findings. Shared by the terminal and Markdown output."""
+    return (
+        [("", line) for line in target_lines(recipe)]
+        + [("note: ", n) for n in recipe.get("notes", [])]
+        + [("flips: ", line) for line in quality_lines(recipe)]
+        + [("profile: ", line) for line in profile_lines(recipe)]
+    )
 
 
 def _finite(obj: Any) -> Any:

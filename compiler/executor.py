@@ -301,9 +301,8 @@ class Executor:
                 raise PassError(f"pass '{node.id}' (plugin '{plugin}') failed: {type(e).__name__}: {e}") from e
             if not isinstance(result, PassResult):
                 raise PluginError(f"{who} returned {type(result).__name__}, not a PassResult")
-            kind = getattr(result, "kind", None) or node.produces
-            if kind != node.produces:
-                raise PluginError(f"{who} returned an artifact of kind '{kind}', but declares '{node.produces}'")
+            if result.kind is not None and result.kind != node.produces:
+                raise PluginError(f"{who} returned an artifact of kind '{result.kind}', but declares '{node.produces}'")
             main = result.main
             if not isinstance(main, str) or not safe_relative(main):
                 raise PluginError(f"{who} returned main file {main!r}, which is not a relative path inside its workdir")

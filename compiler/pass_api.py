@@ -43,12 +43,15 @@ class PassResult:
     """What a pass produced: the primary file's name inside ``ctx.workdir``, and facts about it.
 
     ``metrics`` are numbers shown in the report (``top1_agreement``, ``p50_ms``...);
-    ``meta`` is carried with the artifact for downstream passes and runners.
+    ``meta`` is carried with the artifact for downstream passes and runners. ``kind``, when a
+    pass states it, must equal the kind the pass declares (the executor refuses a mismatch,
+    naming the plugin); ``None`` means the declared kind.
     """
 
     main: str
     metrics: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
 
 
 @dataclass
