@@ -39,6 +39,7 @@ from accelc.errors import PassError, VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 from accelc.runners import default_threads
 
+from .bias_correction import correct_bias, recorded_correction
 from .loading import iter_batches, load_arrays
 from .sensitivity import (
     Evaluator,
@@ -77,6 +78,13 @@ FORMAT_OPTIONS: dict[str, Any] = {
     "weight_symmetric": {"type": "boolean", "default": True},
     "nodes_to_exclude": {"type": "array", "items": {"type": "string"}, "default": []},
     "op_types_to_quantize": {"type": "array", "items": {"type": "string"}},
+    "bias_correction": {
+        "type": "boolean",
+        "default": True,
+        "description": "Correct each quantized layer's bias so its per-channel output mean matches the float "
+        "model's on the calibration set (empirical bias correction, Nagel et al. 2019; see "
+        "accelc.passes.bias_correction). Free at inference time.",
+    },
 }
 
 # No defaults here: lowering fills these in only where the recipe left them unset.
@@ -209,16 +217,22 @@ def quantize_model(
     options: dict[str, Any],
     nodes_to_exclude: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
+    calibration: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """QDQ-quantize ``model`` with the ranges in ``table`` (ORT ``TensorsData`` JSON) into ``out``.
 
     ``options`` holds the format options (:data:`FORMAT_OPTIONS`; defaults for missing ones);
     ``nodes_to_exclude`` replaces ``options["nodes_to_exclude"]`` when given;
     ``nodes_to_quantize`` restricts quantization to those nodes (``None``: all eligible).
-    Excluded Conv/Gemm nodes are pinned to float (:func:`pin_float_nodes`).
+    Excluded Conv/Gemm nodes are pinned to float (:func:`pin_float_nodes`). With
+    ``bias_correction`` (the default) the quantized layers' biases are then corrected on
+    ``calibration`` (model inputs by name, ``(N, ...)`` float32) by
+    :func:`accelc.passes.bias_correction.correct_bias`, which records what it did in the
+    model's ``metadata_props`` (:func:`bias_correction_of`).
 
     Raises:
-        PassError: ``quantize_static`` failed.
+        PassError: ``quantize_static`` or the bias correction failed, or ``bias_correction``
+            is on and no ``calibration`` samples were given.
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -254,6 +268,13 @@ def quantize_model(
     q = onnx.load(str(out))
     if pin_float_nodes(q):
         onnx.save(q, str(out))
+    if opts["bias_correction"]:
+        if calibration is None:
+            raise PassError("quantize.bias_correction needs the calibration samples (add data.calibration)")
+        try:
+            correct_bias(model, out, calibration, threads=default_threads())
+        except Exception as e:
+            raise PassError(f"quantize: bias correction: {type(e).__name__}: {e}") from e
     return out
 
 
@@ -294,7 +315,7 @@ class Calibrate(Pass):
     """
 
     name = "calibrate"
-    version = "2"
+    version = "3"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("data", ("calibration.data",)),
@@ -421,7 +442,9 @@ class Calibrate(Pass):
                 table = tables / f"{method}.json"
                 save_tensors_data(ranges, table)
                 ctx.progress(f"trial {method}: quantize and verify")
-                q = quantize_model(inputs["model"].file, table, Path(tmp) / f"{method}.onnx", sel.get("quantize", {}))
+                q = quantize_model(
+                    inputs["model"].file, table, Path(tmp) / f"{method}.onnx", sel.get("quantize", {}), calibration=data
+                )
                 rec = {"method": method, **({"percentile": options["percentile"]} if method == "percentile" else {})}
                 rec.update(_trial_record(evaluator.metrics(q), tolerances))
                 trials.append(rec)
@@ -461,7 +484,10 @@ class Quantize(Pass):
     per-channel weights, no reduce_range. For TensorRT use s8 activations with
     symmetric ranges (``activation_type: int8``, ``activation_symmetric: true``).
     ``nodes_to_exclude`` keeps the named nodes in float (pinned against ORT's
-    load-time re-quantization, see :func:`pin_float_nodes`).
+    load-time re-quantization, see :func:`pin_float_nodes`). ``bias_correction`` (on by
+    default) then corrects the quantized layers' INT32 biases on the calibration samples
+    (:mod:`accelc.passes.bias_correction`); every trial below is corrected the same way, and
+    the metrics report it under ``bias_correction``.
 
     With ``fallback`` set (``off`` or ``auto``) lowering copies the quantize stage's verify
     tolerances into ``tolerances`` and the pass verifies its output on the validation set
@@ -483,7 +509,7 @@ class Quantize(Pass):
     """
 
     name = "quantize"
-    version = "3"
+    version = "4"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("table", ("calibration.table",)),
@@ -526,8 +552,10 @@ class Quantize(Pass):
     }
 
     def uses_inputs(self, options: dict[str, Any]) -> set[str]:
-        """Optional slots this invocation needs: all three when it checks itself (``fallback`` set)."""
-        return {"calibration", "reference", "validation"} if options.get("fallback") else set()
+        """Optional slots this invocation needs: all three when it checks itself (``fallback`` set),
+        the calibration samples for ``bias_correction``."""
+        wanted = {"calibration", "reference", "validation"} if options.get("fallback") else set()
+        return wanted | ({"calibration"} if options.get("bias_correction", True) else set())
 
     def key_material(self, options: dict[str, Any], host: Any, sources: Any) -> dict[str, Any]:
         """Options minus those only the accuracy check reads, when ``fallback`` is unset."""
@@ -548,9 +576,12 @@ class Quantize(Pass):
             raise PassError(f"quantize.nodes_to_exclude: no node named {', '.join(unknown)} in the graph")
         table = inputs["table"].file
         out = ctx.workdir / "model.onnx"
+        calibration = load_arrays(inputs["calibration"]) if "calibration" in inputs else None
+        if options["bias_correction"]:
+            ctx.progress("quantize and correct biases")
         tolerances = options.get("tolerances") or {}
         if not options.get("fallback") or not tolerances:
-            quantize_model(model_path, table, out, options)
+            quantize_model(model_path, table, out, options, calibration=calibration)
             return PassResult("model.onnx", metrics=self._facts(out, user_excl), meta=inputs["model"].meta)
         for slot in ("reference", "validation"):
             if slot not in inputs:
@@ -569,7 +600,7 @@ class Quantize(Pass):
         with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-") as tmp_dir:
             tmp = Path(tmp_dir)
             ctx.progress("full INT8: quantize and verify")
-            full = quantize_model(model_path, table, tmp / "trial0.onnx", options)
+            full = quantize_model(model_path, table, tmp / "trial0.onnx", options, calibration=calibration)
             first = {"trial": 0, "fp32_nodes": [], **_trial_record(evaluator.metrics(full), tolerances)}
             trials, files = [first], {0: full}
             ranking: list[dict[str, Any]] = []
@@ -585,7 +616,9 @@ class Quantize(Pass):
                     fp32 = [r["node"] for r in ranking[:k]]
                     excl = user_excl + [n for r in ranking[:k] for n in r["nodes"]]
                     ctx.progress(f"fallback trial: {k} node(s) in float")
-                    path = quantize_model(model_path, table, tmp / f"trial{len(trials)}.onnx", options, excl)
+                    path = quantize_model(
+                        model_path, table, tmp / f"trial{len(trials)}.onnx", options, excl, calibration=calibration
+                    )
                     rec = {
                         "trial": len(trials),
                         "fp32_nodes": fp32,
@@ -667,7 +700,7 @@ class Quantize(Pass):
         ranking = rank_units(
             units,
             lambda nodes: quantize_model(
-                inputs["model"].file, inputs["table"].file, only, options, nodes_to_quantize=nodes
+                inputs["model"].file, inputs["table"].file, only, options, nodes_to_quantize=nodes, calibration=arrays
             ),
             evaluator,
             ctx.progress,
@@ -687,11 +720,15 @@ class Quantize(Pass):
         import onnx
 
         q = onnx.load(str(out))
-        return {
+        facts = {
             "excluded_nodes": len(excluded),
             "quantize_linear_nodes": sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear"),
             "size_mib": round(out.stat().st_size / 2**20, 3),
         }
+        corrected = recorded_correction(q)
+        if corrected is not None:
+            facts["bias_correction"] = corrected
+        return facts
 
     def check(self, result_metrics: dict[str, Any], options: dict[str, Any]) -> None:
         """Fail when no trial met the tolerances, naming the most sensitive nodes and the option to change."""
