@@ -16,13 +16,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_accuracy_aware_int8 import QUICK, stage, write_project
 
 from accelc.build import build, prepare
 from accelc.errors import PassError
 from accelc.passes.bias_correction import correct_bias, recorded_correction
 from accelc.passes.quantization import quantize_model
-
-from test_accuracy_aware_int8 import QUICK, stage, write_project
 
 STEP = 0.01  # per-channel weight scale
 
