@@ -123,7 +123,7 @@ def _channel_means(
         m.graph.node.append(node)
         m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     sess = ort_session(m.SerializeToString(), threads)
-    feeds = [i.name for i in sess.get_inputs()]
+    feeds, arrays, batch = _feeds(sess, arrays, batch)
     total = len(arrays[feeds[0]])
     sums: list[Any] = [0.0] * len(outputs)
     for _, chunk in iter_batches(arrays, feeds, batch):
@@ -131,6 +131,18 @@ def _channel_means(
         for j, mean in enumerate(sess.run(None, chunk)):
             sums[j] = sums[j] + mean.astype(np.float64) * n
     return [s / total for s in sums]
+
+
+def _feeds(sess: Any, arrays: dict[str, np.ndarray], batch: int) -> tuple[list[str], dict[str, np.ndarray], int]:
+    """Input names, the arrays, and the batch size to run them at. A model exported with a static
+    batch dimension ``B`` runs ``B`` samples at a time, on the first ``N - N % B`` samples."""
+    inputs = sess.get_inputs()
+    names = [i.name for i in inputs]
+    static = inputs[0].shape[0] if inputs[0].shape else None
+    if isinstance(static, int) and static > 0:
+        usable = len(arrays[names[0]]) // static * static
+        return names, {n: arrays[n][:usable] for n in names}, static
+    return names, arrays, batch
 
 
 def correct_bias(
@@ -200,6 +212,9 @@ def correct_bias(
         return BiasCorrection([], 0.0, None, 0, 0.0, 0.0, False, time.perf_counter() - t0)
 
     samples = len(next(iter(arrays.values())))
+    static = qm.graph.input[0].type.tensor_type.shape.dim[0].dim_value if qm.graph.input else 0
+    if static > 0:  # a static batch dimension: the samples used are whole batches (see _feeds)
+        samples = samples // static * static
     float_bytes, before_bytes = fp.SerializeToString(), qm.SerializeToString()
     reference = _channel_means(fp, [(float_out[n.name], r) for n, _, _, r, _ in layers], arrays, batch, threads)
     original = {id(b): onnx.TensorProto() for _, b, *_ in layers}
@@ -246,7 +261,7 @@ def _relative_error(ref: np.ndarray, out: np.ndarray) -> float:
 def _outputs(model: bytes, arrays: dict[str, np.ndarray], batch: int, threads: int | None) -> np.ndarray:
     """All outputs of ``model`` on ``arrays``, flattened and concatenated per sample: ``(N, D)`` float32."""
     sess = ort_session(model, threads)
-    feeds = [i.name for i in sess.get_inputs()]
+    feeds, arrays, batch = _feeds(sess, arrays, batch)
     rows = [
         np.concatenate([o.reshape(len(o), -1) for o in sess.run(None, chunk)], axis=1)
         for _, chunk in iter_batches(arrays, feeds, batch)

@@ -35,8 +35,9 @@ def _weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return w
 
 
-def float_model(path: Path) -> Path:
-    """(N, 3, 8, 8) float32 -> (N, 5): Conv 3->8 3x3, Relu, Conv 8->8 1x1, GlobalAveragePool, Flatten, Gemm 8->5."""
+def float_model(path: Path, batch: int | str = "N") -> Path:
+    """(N, 3, 8, 8) float32 -> (N, 5): Conv 3->8 3x3, Relu, Conv 8->8 1x1, GlobalAveragePool, Flatten, Gemm 8->5.
+    ``batch``: the batch dimension, symbolic (default) or static."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(_weights(rng, (8, 3, 3, 3)), "w1"),
@@ -57,8 +58,8 @@ def float_model(path: Path) -> Path:
     graph = helper.make_graph(
         nodes,
         "systematic_rounding",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
@@ -77,7 +78,7 @@ def table(model: Path, data: dict[str, np.ndarray], tmp: Path) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"x": data["x"][i : i + 8]} for i in range(0, len(data["x"]), 8)])
+            self.batches = iter([{"x": data["x"][i : i + 4]} for i in range(0, len(data["x"]), 4)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -173,6 +174,15 @@ def test_correct_bias_reports_layers_in_topological_order(models):
     copy.write_bytes(plain.read_bytes())
     result = correct_bias(fp, copy, cal)
     assert result.layers == ["conv1", "conv2", "fc"] and result.samples == 32 and result.seconds > 0
+
+
+def test_a_static_batch_model_is_corrected_in_whole_batches(tmp_path):
+    fp = float_model(tmp_path / "static.onnx", batch=4)
+    cal = samples(0, n=10)
+    tab = table(fp, {"x": cal["x"][:8]}, tmp_path)
+    out = quantize_model(fp, tab, tmp_path / "q.onnx", {}, calibration=cal)
+    rec = recorded_correction(onnx.load(str(out)))
+    assert rec["samples"] == 8 and rec["layers"] == 3 and rec["kept"]
 
 
 def test_bias_correction_without_calibration_samples_is_a_clear_error(models):

@@ -37,16 +37,15 @@ def test_cpu_int8_graph_order_and_wiring(tmp_path):
     }  # the *source* model
     assert by["export_onnx"].inputs == {"model": "fuse_modules"}
     assert by["calibrate"].inputs == {"model": "onnxsim", "data": "load_data[calibration]"}
-    assert by["quantize"].inputs == {"model": "onnxsim", "table": "calibrate"}
+    # bias correction (on by default) reads the calibration samples
+    assert by["quantize"].inputs == {"model": "onnxsim", "table": "calibrate", "calibration": "load_data[calibration]"}
     assert by["verify[quantize]"].inputs["artifact"] == "quantize"
     assert by["benchmark"].inputs == {"artifact": "quantize"}
     assert graph.final == "quantize"
 
 
 def test_stage_tolerances_override_global(tmp_path):
-    p = write_tiny_recipe(
-        tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}}
-    )
+    p = write_tiny_recipe(tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}})
     graph, _ = prepare(p)
     assert graph.by_id["verify[onnxsim]"].options["tolerances"] == {"cosine": 0.9999}
     assert graph.by_id["verify[quantize]"].options["tolerances"] == {"cosine": 0.9}
