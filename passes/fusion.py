@@ -45,7 +45,11 @@ def fold_conv_bn(model: Any) -> tuple[Any, int]:
         if node.op != "call_module" or not isinstance(modules.get(node.target), bns):
             continue
         prev = node.args[0] if node.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or not isinstance(modules.get(prev.target), convs):
+        if (
+            not isinstance(prev, fx.Node)
+            or prev.op != "call_module"
+            or not isinstance(modules.get(prev.target), convs)
+        ):
             continue
         if len(prev.users) > 1:
             continue
@@ -116,7 +120,9 @@ class FuseModules(Pass):
         diff = float((a - b).abs().max())
         bound = options["atol"] + options["rtol"] * float(a.abs().max())
         if not diff <= bound:
-            raise PassError(f"fuse_modules: fused model differs from the original by {diff:.3g} (> {bound:.3g})")
+            raise PassError(
+                f"fuse_modules: fused model differs from the original by {diff:.3g} (> {bound:.3g})"
+            )
         torch.save(fused, ctx.workdir / "model.pt")
         return PassResult(
             "model.pt", metrics={"folded_conv_bn": folded, "max_abs_diff": diff}, meta=inputs["model"].meta

@@ -72,7 +72,9 @@ class ExportOnnx(Pass):
             shape = spec.shape_with(**sizes)
             g = torch.Generator().manual_seed(0)
             args.append(torch.randn(*shape, generator=g).to(getattr(torch, spec.dtype)))
-            dyn_shapes.append({d.axis: torch.export.Dim(d.name, min=d.min, max=d.max) for d in spec.dynamic} or None)
+            dyn_shapes.append(
+                {d.axis: torch.export.Dim(d.name, min=d.min, max=d.max) for d in spec.dynamic} or None
+            )
             if spec.dynamic:
                 dyn_axes[spec.name] = {d.axis: d.name for d in spec.dynamic}
         out_path = ctx.workdir / "model.onnx"
@@ -140,7 +142,9 @@ class OnnxSim(Pass):
 
         m = onnx.load(str(inputs["model"].file))
         before = len(m.graph.node)
-        shapes = {i.name: list(i.shape_with(**{d.name: d.opt for d in i.dynamic})) for i in ctx.signature.inputs}
+        shapes = {
+            i.name: list(i.shape_with(**{d.name: d.opt for d in i.dynamic})) for i in ctx.signature.inputs
+        }
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # onnxsim prints "Checking 0/1..."
                 simplified, ok = onnxsim.simplify(
@@ -152,7 +156,9 @@ class OnnxSim(Pass):
         except Exception as e:
             raise PassError(f"onnxsim: simplification failed: {_first_line(e)}") from e
         if not ok:
-            raise PassError("onnxsim: the simplified graph's outputs differ from the original's on random inputs")
+            raise PassError(
+                "onnxsim: the simplified graph's outputs differ from the original's on random inputs"
+            )
         try:
             onnx.checker.check_model(simplified)
         except onnx.checker.ValidationError as e:

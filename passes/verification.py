@@ -31,7 +31,9 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
     with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``.
     """
     if ref.shape != out.shape:
-        raise VerificationError(f"output shape {list(out.shape)} differs from the source model's {list(ref.shape)}")
+        raise VerificationError(
+            f"output shape {list(out.shape)} differs from the source model's {list(ref.shape)}"
+        )
     r = ref.reshape(len(ref), -1).astype(np.float64)
     o = out.reshape(len(out), -1).astype(np.float64)
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)

@@ -14,7 +14,9 @@ from builders import write_tiny_recipe
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "accelc.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def cache_state(cache: Path) -> tuple[list[str], list[str]]:
@@ -67,7 +69,9 @@ def test_checkpoint_that_is_not_tensors_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
     entries, staging = cache_state(tmp_path / "cache")
     assert staging == []
-    assert not any("load_model" in (tmp_path / "cache" / "entries" / e / "meta.json").read_text() for e in entries)
+    assert not any(
+        "load_model" in (tmp_path / "cache" / "entries" / e / "meta.json").read_text() for e in entries
+    )
 
 
 def test_missing_data_folder(tmp_path):

@@ -45,7 +45,9 @@ def test_cpu_int8_graph_order_and_wiring(tmp_path):
 
 
 def test_stage_tolerances_override_global(tmp_path):
-    p = write_tiny_recipe(tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}})
+    p = write_tiny_recipe(
+        tmp_path, verify={"tolerances": {"cosine": 0.9}, "stages": {"onnxsim": {"cosine": 0.9999}}}
+    )
     graph, _ = prepare(p)
     assert graph.by_id["verify[onnxsim]"].options["tolerances"] == {"cosine": 0.9999}
     assert graph.by_id["verify[quantize]"].options["tolerances"] == {"cosine": 0.9}

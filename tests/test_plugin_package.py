@@ -41,7 +41,9 @@ def plugin_site(tmp_path_factory) -> Path:
 
 def accelc(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "accelc.cli", *args], env=env, cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "accelc.cli", *args], env=env, cwd=cwd, capture_output=True, text=True
+    )
 
 
 def test_installed_plugin_pass_is_listed(plugin_site, tmp_path):

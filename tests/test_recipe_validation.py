@@ -88,7 +88,9 @@ def test_model_source_options_checked(tmp_path):
 
 def test_dynamic_range_must_be_ordered(tmp_path):
     doc = tiny_recipe_dict(
-        inputs=[{"name": "input", "shape": [1, 3, 32, 32], "dynamic": [{"axis": 0, "min": 4, "opt": 2, "max": 8}]}]
+        inputs=[
+            {"name": "input", "shape": [1, 3, 32, 32], "dynamic": [{"axis": 0, "min": 4, "opt": 2, "max": 8}]}
+        ]
     )
     with pytest.raises(RecipeError) as e:
         _load(_write(tmp_path, doc))
