@@ -60,6 +60,7 @@ from benchmarks.summary import (
     margin_stats,
     op_profile,
     ort_profile_summary,
+    pixel_step_noise,
     render_markdown,
     round_order,
     table_rows,
@@ -806,6 +807,23 @@ def bench_recipe(
             outs[name].append(call(feeds))
     ref = np.concatenate(outs["eager"])
     res["reference_margin"] = margin_stats(ref)
+    std = (val_spec.get("preprocess") or {}).get("std")
+    if "images" in val_spec and len(names) == 1 and val[names[0]].ndim == 4:
+        from accelc.sources.data import IMAGENET_STD
+
+        say("noise floor: eager FP32 on inputs moved by half a pixel step")
+        noisy = pixel_step_noise(val[names[0]], std or IMAGENET_STD)
+        out = np.concatenate(
+            [calls["eager"]({names[0]: noisy[s : s + big]}) for s in range(0, n_val, big)]
+        )
+        m = compare_outputs(ref, out)
+        res["noise_floor"] = {
+            "steps": 0.5,
+            "samples": m["samples"],
+            "top1_agreement": m["top1_agreement"],
+            "cosine": m["cosine"],
+            "flipped": margin_stats(ref, out)["flipped"],
+        }
     for name in calls:
         m = compare_outputs(ref, np.concatenate(outs[name]))
         m["margin"] = margin_stats(ref, np.concatenate(outs[name]))

@@ -406,6 +406,7 @@ def finding_lines(recipe: Mapping[str, Any]) -> list[tuple[str, str]]:
         [("", line) for line in target_lines(recipe)]
         + [("note: ", n) for n in recipe.get("notes", [])]
         + [("flips: ", line) for line in quality_lines(recipe)]
+        + [("noise floor: ", line) for line in noise_floor_line(recipe)]
         + [("profile: ", line) for line in profile_lines(recipe)]
     )
 
@@ -559,6 +560,32 @@ def margin_stats(ref: np.ndarray, out: np.ndarray | None = None) -> dict[str, An
         res["flipped"] = int(flipped.sum())
         res["max_flipped_gap"] = float(gap[flipped].max()) if flipped.any() else None
     return res
+
+
+def pixel_step_noise(
+    arrays: np.ndarray, std: Sequence[float], seed: int = 0, steps: float = 0.5
+) -> np.ndarray:
+    """``arrays`` ``(N, C, H, W)`` float32, normalised as ``(pixel / 255 - mean) / std``, moved by
+    independent uniform noise of up to ``steps`` 8-bit pixel steps (``1 / (255 * std[c])`` in
+    normalised units per channel ``c``). ``steps=0.5`` is the error of rounding a resized image to
+    uint8, which many preprocessing pipelines do (e.g. a PIL resize of a uint8 image)."""
+    lsb = 1.0 / (255.0 * np.asarray(std, np.float64))
+    shape = (1, len(lsb)) + (1,) * (arrays.ndim - 2)
+    noise = np.random.default_rng(seed).uniform(-steps, steps, arrays.shape) * lsb.reshape(shape)
+    return (arrays + noise).astype(np.float32)
+
+
+def noise_floor_line(recipe: Mapping[str, Any]) -> list[str]:
+    """The reference against itself on inputs moved by half a pixel step (see :func:`pixel_step_noise`):
+    the agreement that no deployment whose preprocessing rounds differently can be sure of."""
+    nf = recipe.get("noise_floor")
+    if not nf:
+        return []
+    return [
+        f"eager FP32 against itself with each input moved by up to ±{nf['steps']} of an 8-bit pixel step "
+        f"(as rounding a resized image to uint8 does): top-1 agreement {fmt(nf['top1_agreement'], 3)}, cosine "
+        f"{fmt(nf['cosine'], 4)}, {nf['flipped']}/{nf['samples']} samples flip"
+    ]
 
 
 def quality_lines(recipe: Mapping[str, Any]) -> list[str]:

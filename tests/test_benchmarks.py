@@ -304,3 +304,28 @@ def test_quality_lines_explain_only_variants_with_flips():
     lines = S.quality_lines(r)
     assert len(lines) == 1 and lines[0].startswith("accelc: 4/96 samples flip")
     assert "0.050" in lines[0] and "2.000" in lines[0]
+
+
+def test_pixel_step_noise_stays_within_half_a_step_per_channel():
+    import numpy as np
+
+    x = np.zeros((64, 3, 4, 4), np.float32)
+    std = (0.5, 0.25, 0.229)
+    noisy = S.pixel_step_noise(x, std, seed=1)
+    assert noisy.dtype == np.float32 and noisy.shape == x.shape
+    for c, s in enumerate(std):
+        step = 1 / (255 * s)
+        d = noisy[:, c]
+        assert np.abs(d).max() <= 0.5 * step * (1 + 1e-6)
+        assert np.abs(d).max() > 0.45 * step  # it uses the whole half step, not a sliver
+    assert np.array_equal(noisy, S.pixel_step_noise(x, std, seed=1))  # seeded
+
+
+def test_noise_floor_is_reported_under_the_table():
+    recipe = {"noise_floor": {"steps": 0.5, "samples": 96, "top1_agreement": 0.8646, "cosine": 0.99646, "flipped": 13}}
+    lines = [line for prefix, line in S.finding_lines(recipe) if prefix == "noise floor: "]
+    assert lines == [
+        "eager FP32 against itself with each input moved by up to ±0.5 of an 8-bit pixel step (as rounding a "
+        "resized image to uint8 does): top-1 agreement 0.865, cosine 0.9965, 13/96 samples flip"
+    ]
+    assert S.noise_floor_line({}) == []
