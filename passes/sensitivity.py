@@ -22,7 +22,10 @@ Terms:
   Paper on Neural Network Quantization" (2021): quantize layers one at a time to find the
   ones that carry the error. Each unit costs one small ``quantize_static`` and one pass over
   the samples, so the analysis is linear in the number of units. Ranking on calibration data
-  keeps the validation set for the accept/reject decision only.
+  keeps the validation set for the accept/reject decision only. With ``bias_correction`` on
+  (the default) each one-unit model is bias-corrected like every trial
+  (:mod:`accelc.passes.bias_correction`), so the ranking measures the error that correction
+  leaves, which is what the fallback has to remove.
 """
 
 from __future__ import annotations
