@@ -111,6 +111,7 @@ def main() -> None:
       accelc build recipes/efficientnet_lite0_cpu_int8.yaml
       accelc plan  recipes/resnet18_t4_int8.yaml     # graph, cache keys, what runs here
       accelc passes                                  # every pass, its inputs and needs
+    accelc passes quantize                         # one pass: what it does, every option
     """
 
 
@@ -240,11 +241,21 @@ def validate(recipe: Path, target: str | None) -> None:
 
 
 @main.command()
-def passes() -> None:
-    """List every registered pass: plugin, version, inputs, output and host requirements."""
+@click.argument("name", required=False)
+def passes(name: str | None) -> None:
+    """List every registered pass: plugin, version, inputs, output and host requirements.
+
+    With NAME, describe that pass: its full description and every option a recipe may set
+    (type, default, meaning), e.g. `accelc passes quantize`.
+    """
     from .registry import default_registry
 
     reg = default_registry()
+    if name is not None:
+        if name not in reg.passes:
+            raise click.BadParameter(f"no pass '{name}' (known: {', '.join(sorted(reg.passes))})", param_hint="NAME")
+        _describe_pass(reg, name)
+        return
     t = Table(title="passes")
     for col in ("pass", "plugin", "version", "consumes", "produces", "requires", "description"):
         t.add_column(col, overflow="fold")
@@ -259,6 +270,42 @@ def passes() -> None:
             ", ".join(p.requires) or "-",
             p.summary(),
         )
+    out.print(t)
+
+
+def _option_type(spec: dict[str, Any]) -> str:
+    if "enum" in spec:
+        return " | ".join(json.dumps(v) for v in spec["enum"])
+    kind = spec.get("type", "any")
+    if kind == "array" and isinstance(spec.get("items"), dict):
+        items = spec["items"]
+        return "array of " + ("|".join(map(str, items["enum"])) if "enum" in items else items.get("type", "any"))
+    bounds = [f"{op} {spec[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="))
+              if k in spec]
+    return ", ".join([str(kind), *bounds])
+
+
+def _describe_pass(reg: Any, name: str) -> None:
+    """Print a pass's docstring and a table of its options (from its JSON Schema)."""
+    import inspect
+
+    p = reg.passes[name]
+    out.print(f"[bold]{escape(name)}[/] (plugin {escape(reg.plugin_of('passes', name))}, version {p.version})")
+    consumes = "; ".join(f"{s.name}: {'|'.join(s.kinds)}" + (" (optional)" if s.optional else "") for s in p.inputs)
+    out.print(f"consumes: {escape(consumes or '-')}")
+    out.print(f"produces: {escape(p.produces)}; requires: {escape(', '.join(p.requires) or '-')}\n")
+    out.print(escape(inspect.cleandoc(p.description or p.__doc__ or "")) + "\n")
+    props = (p.options_schema or {}).get("properties", {})
+    if not props:
+        out.print("options: none")
+        return
+    t = Table(title=f"options of {name}")
+    for col in ("option", "type", "default", "meaning"):
+        t.add_column(col, overflow="fold")
+    for opt in sorted(props):
+        spec = props[opt]
+        default = json.dumps(spec["default"]) if "default" in spec else "-"
+        t.add_row(opt, escape(_option_type(spec)), escape(default), escape(spec.get("description", "")))
     out.print(t)
 
 

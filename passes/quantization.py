@@ -70,14 +70,31 @@ _TRIAL_METRICS = (
 
 #: Quantize options that fix the quantized format (what ``calibrate`` needs to score a table).
 FORMAT_OPTIONS: dict[str, Any] = {
-    "per_channel": {"type": "boolean", "default": True},
-    "activation_type": {"enum": ["uint8", "int8"], "default": "uint8"},
-    "weight_type": {"enum": ["int8", "uint8"], "default": "int8"},
-    "reduce_range": {"type": "boolean", "default": False},
-    "activation_symmetric": {"type": "boolean", "default": False},
-    "weight_symmetric": {"type": "boolean", "default": True},
-    "nodes_to_exclude": {"type": "array", "items": {"type": "string"}, "default": []},
-    "op_types_to_quantize": {"type": "array", "items": {"type": "string"}},
+    "per_channel": {"type": "boolean", "default": True, "description": "One weight scale per output channel."},
+    "activation_type": {
+        "enum": ["uint8", "int8"],
+        "default": "uint8",
+        "description": "Activation integer type: uint8 for x86 VNNI, int8 (with activation_symmetric) for TensorRT.",
+    },
+    "weight_type": {"enum": ["int8", "uint8"], "default": "int8", "description": "Weight integer type."},
+    "reduce_range": {
+        "type": "boolean",
+        "default": False,
+        "description": "7-bit weights, for CPUs without VNNI whose u8s8 kernels can overflow.",
+    },
+    "activation_symmetric": {"type": "boolean", "default": False, "description": "Zero point 0 for activations."},
+    "weight_symmetric": {"type": "boolean", "default": True, "description": "Zero point 0 for weights."},
+    "nodes_to_exclude": {
+        "type": "array",
+        "items": {"type": "string"},
+        "default": [],
+        "description": "ONNX node names kept in float.",
+    },
+    "op_types_to_quantize": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "Only these ONNX op types are quantized (default: every type ONNX Runtime can quantize).",
+    },
     "bias_correction": {
         "type": "boolean",
         "default": True,
@@ -329,7 +346,11 @@ class Calibrate(Pass):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "method": {"enum": [*METHODS, "auto"], "default": "minmax"},
+            "method": {
+                "enum": [*METHODS, "auto"],
+                "default": "minmax",
+                "description": "Range estimator; 'auto' tries each of candidates and keeps the best verified.",
+            },
             "candidates": {
                 "type": "array",
                 "items": {"enum": list(METHODS)},
@@ -338,10 +359,25 @@ class Calibrate(Pass):
                 "default": list(METHODS),
                 "description": "Methods tried by 'auto'.",
             },
-            "percentile": {"type": "number", "exclusiveMinimum": 90, "maximum": 100, "default": 99.999},
-            "num_bins": {"type": "integer", "minimum": 128, "maximum": 65536},
-            "symmetric": {"type": "boolean", "default": False},
-            "moving_average": {"type": "boolean", "default": False},
+            "percentile": {
+                "type": "number",
+                "exclusiveMinimum": 90,
+                "maximum": 100,
+                "default": 99.999,
+                "description": "Percentile of |x| taken as the range (method percentile).",
+            },
+            "num_bins": {
+                "type": "integer",
+                "minimum": 128,
+                "maximum": 65536,
+                "description": "Histogram bins (entropy, percentile); entropy defaults to 512.",
+            },
+            "symmetric": {"type": "boolean", "default": False, "description": "Ranges symmetric around 0."},
+            "moving_average": {
+                "type": "boolean",
+                "default": False,
+                "description": "Exponential moving average of per-batch min/max (method minmax).",
+            },
             "batch_size": {
                 "type": "integer",
                 "minimum": 1,
@@ -530,8 +566,17 @@ class Quantize(Pass):
                 "nodes in float until they hold, 'off' fails naming them. Unset: plain "
                 "quantization, checked by verify alone.",
             },
-            "max_fp32_nodes": {"type": "integer", "minimum": 0, "default": 8},
-            "search": {"enum": ["greedy", "bisect"], "default": "greedy"},
+            "max_fp32_nodes": {
+                "type": "integer",
+                "minimum": 0,
+                "default": 8,
+                "description": "Most quantized nodes 'auto' may keep in float.",
+            },
+            "search": {
+                "enum": ["greedy", "bisect"],
+                "default": "greedy",
+                "description": "How 'auto' searches the count of float nodes.",
+            },
             "sensitivity_samples": {
                 "type": "integer",
                 "minimum": 1,
@@ -547,7 +592,12 @@ class Quantize(Pass):
                 "minimum": 1,
                 "description": "Validation batch size (set by lowering from verify.batch_size).",
             },
-            "latency_iterations": {"type": "integer", "minimum": 1, "default": 40},
+            "latency_iterations": {
+                "type": "integer",
+                "minimum": 1,
+                "default": 40,
+                "description": "Timed runs per trial for the side-by-side latency in the report.",
+            },
         },
     }
 

@@ -111,3 +111,21 @@ def test_callable_that_returns_no_module(tmp_path):
 def test_help_teaches(cmd, tmp_path):
     r = run(cmd, tmp_path)
     assert r.returncode == 0 and "Usage:" in r.stdout
+
+
+def test_passes_name_describes_the_pass_and_every_option(tmp_path):
+    r = run(["passes", "quantize"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "quantize (plugin accelc.plugins.builtin" in text and "produces: onnx.qdq" in text
+    assert "calibration: calibration.data (optional)" in text
+    from accelc.registry import default_registry
+
+    for option in default_registry().passes["quantize"].options_schema["properties"]:
+        assert f"│ {option} " in r.stdout  # one row per option the schema accepts
+    assert "bias_correction │ boolean │ true" in text and "Nagel et al. 2019" in text
+
+
+def test_passes_with_an_unknown_name_lists_the_known_ones(tmp_path):
+    r = run(["passes", "quantise"], tmp_path)
+    assert r.returncode == 2 and "no pass 'quantise'" in r.stderr and "quantize" in r.stderr
