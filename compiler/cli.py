@@ -111,7 +111,7 @@ def main() -> None:
       accelc build recipes/efficientnet_lite0_cpu_int8.yaml
       accelc plan  recipes/resnet18_t4_int8.yaml     # graph, cache keys, what runs here
       accelc passes                                  # every pass, its inputs and needs
-      accelc passes quantize                       # one pass: what it does, every option
+      accelc passes quantize                         # one pass: what it does, every option
     """
 
 
