@@ -807,12 +807,12 @@ def bench_recipe(
             outs[name].append(call(feeds))
     ref = np.concatenate(outs["eager"])
     res["reference_margin"] = margin_stats(ref)
-    std = (val_spec.get("preprocess") or {}).get("std")
     if "images" in val_spec and len(names) == 1 and val[names[0]].ndim == 4:
         from accelc.sources.data import IMAGENET_STD
 
         say("noise floor: eager FP32 on inputs moved by half a pixel step")
-        noisy = pixel_step_noise(val[names[0]], std or IMAGENET_STD)
+        std = (val_spec.get("preprocess") or {}).get("std") or IMAGENET_STD
+        noisy = pixel_step_noise(val[names[0]], std)
         out = np.concatenate(
             [calls["eager"]({names[0]: noisy[s : s + big]}) for s in range(0, n_val, big)]
         )

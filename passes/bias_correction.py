@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,9 @@ def _opset(model: Any) -> int:
 
 def _channel_means(
     model: Any, outputs: list[tuple[str, int]], arrays: dict[str, np.ndarray], batch: int, threads: int | None
-) -> list[np.ndarray]:
-    """Per-channel means of the tensors ``outputs`` (name, rank) over ``arrays``: ``(C,)`` float64 each.
+) -> tuple[list[np.ndarray], int]:
+    """Per-channel means of the tensors ``outputs`` (name, rank) over ``arrays``: ``(C,)`` float64 each,
+    and the number of samples they were taken over (see :func:`_feeds`).
 
     The model is copied; its graph outputs are replaced by one ReduceMean per tensor over every
     axis but 1 (the channel axis of Conv ``(N, C, ...)`` and Gemm ``(N, C)`` outputs)."""
@@ -130,7 +132,7 @@ def _channel_means(
         n = len(chunk[feeds[0]])
         for j, mean in enumerate(sess.run(None, chunk)):
             sums[j] = sums[j] + mean.astype(np.float64) * n
-    return [s / total for s in sums]
+    return [s / total for s in sums], total
 
 
 def _feeds(sess: Any, arrays: dict[str, np.ndarray], batch: int) -> tuple[list[str], dict[str, np.ndarray], int]:
@@ -163,8 +165,8 @@ def correct_bias(
         batch: samples per session run. threads: ORT intra-op threads (None: ORT's default).
 
     The correction is kept only if the outputs on ``arrays`` get closer to the float model's
-    (relative error, see :class:`BiasCorrection`); otherwise the biases are restored and ``kept`` is False. Either
-    way the file gets a ``metadata_props`` record (:func:`recorded_correction`).
+    (relative error, see :class:`BiasCorrection`); otherwise the biases are restored and ``kept``
+    is False. Either way the file gets a ``metadata_props`` record (:func:`recorded_correction`).
 
     Layers corrected: ``Conv``/``Gemm`` nodes whose bias is an INT32 initializer read through a
     ``DequantizeLinear`` (the quantized ones) and used by that node alone. The correction is
@@ -182,10 +184,7 @@ def correct_bias(
     qm = onnx.load(str(qdq_model))
     inits = {t.name: t for t in qm.graph.initializer}
     producer = {o: n for n in qm.graph.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in qm.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = Counter(i for n in qm.graph.node for i in n.input)
     float_out = {n.name: n.output[0] for n in fp.graph.node if n.name}
 
     layers: list[tuple[Any, Any, np.ndarray, int, float]] = []  # node, bias init, scale, rank, 1/beta
@@ -211,17 +210,12 @@ def correct_bias(
     if not layers:
         return BiasCorrection([], 0.0, None, 0, 0.0, 0.0, False, time.perf_counter() - t0)
 
-    samples = len(next(iter(arrays.values())))
-    static = qm.graph.input[0].type.tensor_type.shape.dim[0].dim_value if qm.graph.input else 0
-    if static > 0:  # a static batch dimension: the samples used are whole batches (see _feeds)
-        samples = samples // static * static
     float_bytes, before_bytes = fp.SerializeToString(), qm.SerializeToString()
-    reference = _channel_means(fp, [(float_out[n.name], r) for n, _, _, r, _ in layers], arrays, batch, threads)
-    original = {id(b): onnx.TensorProto() for _, b, *_ in layers}
+    wanted = [(float_out[n.name], r) for n, _, _, r, _ in layers]
+    reference, samples = _channel_means(fp, wanted, arrays, batch, threads)
     max_shift, max_node = 0.0, None
     for (node, bias, scale, rank, inv_beta), ref in zip(layers, reference, strict=True):
-        original[id(bias)].CopyFrom(bias)
-        (mean,) = _channel_means(qm, [(node.output[0], rank)], arrays, batch, threads)
+        (mean,), _ = _channel_means(qm, [(node.output[0], rank)], arrays, batch, threads)
         delta = ref - mean
         peak = float(np.abs(delta).max()) if delta.size else 0.0
         if peak > max_shift:
@@ -237,8 +231,7 @@ def correct_bias(
     after = _relative_error(ref_out, _outputs(qm.SerializeToString(), arrays, batch, threads))
     kept = after <= before
     if not kept:
-        for _, bias, *_ in layers:
-            bias.CopyFrom(original[id(bias)])
+        qm = onnx.load_from_string(before_bytes)
     result = BiasCorrection(
         [n.name for n, *_ in layers] if kept else [], max_shift, max_node, samples, before, after, kept, 0.0
     )

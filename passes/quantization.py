@@ -245,7 +245,7 @@ def quantize_model(
     ``bias_correction`` (the default) the quantized layers' biases are then corrected on
     ``calibration`` (model inputs by name, ``(N, ...)`` float32) by
     :func:`accelc.passes.bias_correction.correct_bias`, which records what it did in the
-    model's ``metadata_props`` (:func:`bias_correction_of`).
+    model's ``metadata_props`` (:func:`accelc.passes.bias_correction.recorded_correction`).
 
     Raises:
         PassError: ``quantize_static`` or the bias correction failed, or ``bias_correction``
@@ -658,7 +658,7 @@ class Quantize(Pass):
             sens_info: dict[str, Any] = {}
             lap("trials")
             if kept is None:
-                ranking, sens_info = self._rank(ctx, inputs, options, model, full, tmp, evaluator)
+                ranking, sens_info = self._rank(ctx, inputs, options, model, full, tmp, evaluator, calibration)
                 lap("sensitivity")
             if kept is None and options["fallback"] == "auto":
 
@@ -728,13 +728,14 @@ class Quantize(Pass):
         full: Path,
         tmp: Path,
         validation: Evaluator,
+        calibration: dict[str, np.ndarray] | None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Sensitivity ranking on ``sensitivity_samples`` calibration samples spread evenly over the set
         (validation samples when no calibration set is wired), against the float model's own outputs there."""
         import onnx
 
-        if "calibration" in inputs:
-            arrays, source = load_arrays(inputs["calibration"]), "calibration"
+        if calibration is not None:
+            arrays, source = calibration, "calibration"
         else:
             arrays, source = validation.arrays, "validation"
         total = len(arrays[ctx.signature.names[0]])
