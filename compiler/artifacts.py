@@ -40,6 +40,7 @@ RUNNABLE_KINDS: tuple[str, ...] = (
     "torch.exported",
     "onnx",
     "onnx.qdq",
+    "openvino.ir",
     "trt.engine",
     "runtime.config",
 )

@@ -26,6 +26,7 @@ RECORDED_PACKAGES = (
     "onnxscript",
     "onnxruntime",
     "onnxsim",
+    "openvino",
     "numpy",
     "pillow",
     "pluggy",

@@ -16,10 +16,15 @@ from typing import Any
 from .artifacts import RUNNABLE_KINDS
 from .errors import GraphError
 from .recipe import Recipe, apply_defaults, schema_issues
+from .runners import ONNX_RUNTIMES
 from .targets import TargetProfile
 
 #: Extra host capabilities needed to *execute* an artifact kind (for verify and benchmark).
-KIND_REQUIRES: dict[str, tuple[str, ...]] = {"trt.engine": ("cuda", "tensorrt"), "runtime.config": ("cuda",)}
+KIND_REQUIRES: dict[str, tuple[str, ...]] = {
+    "trt.engine": ("cuda", "tensorrt"),
+    "runtime.config": ("cuda",),
+    "openvino.ir": ("openvino",),
+}
 #: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
 #: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
 DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")
@@ -173,7 +178,7 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
             opts.setdefault("tolerances", tolerances)
         if step.name in ("calibrate", "quantize"):
             opts = _accuracy_options(step.name, opts, steps[i + 1 :], verify_after, tolerances, stage_tol,
-                                     verify_cfg.get("batch_size", 16), registry, where)
+                                     verify_cfg.get("batch_size", 16), registry, where, runtime)
         if step.name == "benchmark":
             opts = {**recipe.benchmark, **opts}
             opts.pop("enabled", None)
@@ -208,18 +213,29 @@ def _graph_batch_sizes(recipe: Recipe) -> list[int]:
 
 def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_after: list[str],
                       tolerances: dict[str, Any], stage_tol: dict[str, Any], batch_size: int, registry: Any,
-                      where: str) -> dict[str, Any]:
+                      where: str, runtime: str = "onnxruntime") -> dict[str, Any]:
     """Options of the accuracy-aware INT8 passes that come from the rest of the recipe.
 
     * ``quantize`` with ``fallback`` set (``auto`` or ``off``) gets the quantize stage's tolerances
-      and the verify batch size, so it can check itself and, with ``auto``, search the nodes to
+      (those of the first verified stage from quantize on: ``openvino_ir`` when the QDQ model is
+      verified only as the runtime's IR) and the verify batch size, so it can check itself and, with ``auto``, search the nodes to
       keep in float. The tolerances stay in its cache key: they decide which nodes are excluded.
       Without ``fallback`` nothing is added: verify alone checks the stage.
     * ``calibrate`` with ``method: auto`` gets ``selection``: the format options of the next
       ``quantize`` step (to quantize each trial like the build will) and that stage's tolerances.
+    * Both get ``runtime``: the recipe's runtime when it runs ONNX files itself
+      (:data:`accelc.runners.ONNX_RUNTIMES`, e.g. ``openvino``), so the trials are scored on
+      what deploys them; ONNX Runtime otherwise (a TensorRT build scores its QDQ graph there).
     """
+    trial_runtime = runtime if runtime in ONNX_RUNTIMES else "onnxruntime"
+
     def stage_tolerances(step: str) -> dict[str, Any]:
-        return {**tolerances, **stage_tol.get(step, {})} if step in verify_after else {}
+        # the first verified stage from ``step`` on: ``step`` itself, or the stage that puts its
+        # output in the runtime's own format (openvino_ir after quantize)
+        for s in [step, *(s.name for s in later)]:
+            if s in verify_after:
+                return {**tolerances, **stage_tol.get(s, {})}
+        return {}
 
     if name == "quantize":
         if not opts.get("fallback"):
@@ -233,6 +249,7 @@ def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_
                 f"{where}: quantize.fallback '{opts['fallback']}' needs the quantize stage's tolerances, but that "
                 "stage is not verified (add data.validation, keep 'quantize' in verify.after, set verify.tolerances)"
             )
+        opts.setdefault("runtime", trial_runtime)
         return opts
     if opts.get("method") != "auto":
         return opts
@@ -245,7 +262,7 @@ def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_
         full = apply_defaults(qpass.options_schema, dict(q.options))
         fmt = {k: v for k, v in full.items() if k in allowed}
     selection = {"quantize": fmt, "tolerances": stage_tolerances("quantize") or dict(tolerances),
-                 "batch_size": batch_size, **opts.get("selection", {})}
+                 "batch_size": batch_size, "runtime": trial_runtime, **opts.get("selection", {})}
     return {**opts, "selection": selection}
 
 

@@ -4,6 +4,7 @@ Capability strings, as passes and targets declare them:
 
 * ``cpu``, ``x86_64``, ``avx512_vnni``, ``avx2``: CPU facts from ``/proc/cpuinfo``;
 * ``onnxruntime``: the ``onnxruntime`` package is importable;
+* ``openvino``: the ``openvino`` package is importable;
 * ``cuda``: torch sees a CUDA device;
 * ``tensorrt``: the ``tensorrt`` Python package is importable;
 * ``sm>=75`` (any comparison ``>= > == <= <``): the CUDA device's compute capability, as major*10+minor.
@@ -115,9 +116,9 @@ class Host:
             return platform.machine() in ("x86_64", "AMD64"), platform.machine()
         if name in ("avx512_vnni", "avx2", "avx512f", "avx_vnni"):
             return name in self.cpu_flags, self.cpu_model
-        if name == "onnxruntime":
-            ok = importlib.util.find_spec("onnxruntime") is not None
-            return ok, "installed" if ok else "package onnxruntime not installed"
+        if name in ("onnxruntime", "openvino"):
+            ok = importlib.util.find_spec(name) is not None
+            return ok, "installed" if ok else f"package {name} not installed"
         if name == "cuda":
             c = self.cuda
             return (c is not None), (c["name"] if c else "no CUDA device visible to torch")

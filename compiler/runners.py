@@ -61,6 +61,100 @@ def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = Non
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
 
 
+#: Runtimes that execute an ONNX file (plain or QDQ) directly on the CPU: ONNX Runtime's CPU
+#: execution provider, and OpenVINO's CPU plugin reading the file through its ONNX frontend.
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+#: ``INFERENCE_PRECISION_HINT`` values accelc passes to OpenVINO's CPU plugin. ``f32`` keeps every
+#: float op in float32; without a hint the plugin runs float ops in bf16 on CPUs that have it
+#: (AVX512-BF16, AMX), which moves outputs by about 1e-2 relative.
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+
+
+def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:
+    """An OpenVINO ``CompiledModel`` on the CPU plugin, set up for batch-1 latency.
+
+    ``model``: a path (``.xml`` IR or ``.onnx``) or an ``openvino.Model``. ``threads`` sets
+    ``INFERENCE_NUM_THREADS`` (``None``: the plugin's default, one per physical core);
+    ``PERFORMANCE_HINT=LATENCY`` gives one inference stream; ``precision`` is the
+    ``INFERENCE_PRECISION_HINT`` (:data:`OPENVINO_PRECISIONS`). Raises :class:`PassError` when
+    the ``openvino`` package is missing or the plugin cannot compile the model.
+    """
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise PassError("the openvino runtime needs the Python package 'openvino' (pip install openvino)") from e
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    src = str(model) if isinstance(model, (str, os.PathLike)) else model
+    try:
+        return ov.Core().compile_model(src, "CPU", config)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PassError(f"OpenVINO could not compile {src if isinstance(src, str) else 'the model'}: {first}") from e
+
+
+class _OpenVinoSession:
+    """One infer request of a compiled model; ``run(feeds)`` copies the outputs out of the
+    request's buffers (the next call reuses them)."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in compiled.inputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+
+
+class OnnxSession(Protocol):
+    """What :func:`onnx_session` returns: ``run(feeds)`` -> outputs as host arrays."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class _OrtSession:
+    def __init__(self, session: Any):
+        self.session = session
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(o) for o in self.session.run(None, feeds)]
+
+
+def onnx_session(
+    model: str | os.PathLike[str], threads: int | None = None, runtime: str = "onnxruntime"
+) -> OnnxSession:
+    """An ONNX file ready to run on the CPU with ``runtime`` (one of :data:`ONNX_RUNTIMES`):
+    :func:`ort_session`, or :func:`openvino_compile` with float ops kept in f32.
+
+    Used where a pass scores candidate models on the runtime that will deploy them, since
+    the two differ in how they execute INT8 (fusions, requantization rounding).
+    Raises ``ValueError`` for another runtime.
+    """
+    if runtime == "onnxruntime":
+        return _OrtSession(ort_session(model, threads))
+    if runtime == "openvino":
+        return _OpenVinoSession(openvino_compile(model, threads, "f32"))
+    raise ValueError(f"no ONNX runtime '{runtime}' (known: {', '.join(ONNX_RUNTIMES)})")
+
+
+class OpenVinoRunner:
+    """Runs an ``openvino.ir`` artifact (``model.xml`` + ``model.bin``) on OpenVINO's CPU plugin
+    with :func:`openvino_compile`, at the inference precision recorded in its metadata."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
+        if device != "cpu":
+            raise PassError(f"an openvino.ir artifact runs on the CPU plugin, not on '{device}'")
+        precision = artifact.meta.get("inference_precision", "f32")
+        self.session = _OpenVinoSession(openvino_compile(artifact.file, threads, precision))
+        self.input_names = self.session.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(feeds)
+
+
 class OrtRunner:
     """Runs an ``onnx`` / ``onnx.qdq`` artifact in an :func:`ort_session`."""
 

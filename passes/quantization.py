@@ -37,7 +37,7 @@ import numpy as np
 from accelc.artifacts import Artifact
 from accelc.errors import PassError, VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runners import default_threads
+from accelc.runners import ONNX_RUNTIMES, default_threads
 
 from .bias_correction import correct_bias, recorded_correction
 from .loading import iter_batches, load_arrays
@@ -108,7 +108,17 @@ FORMAT_OPTIONS: dict[str, Any] = {
 #: Calibrate options read only by ``method: auto``; quantize options read only with ``fallback`` set.
 #: They stay out of the cache key otherwise, so setting them on a plain pass reruns nothing.
 _AUTO_ONLY = ("candidates", "selection")
-_FALLBACK_ONLY = ("max_fp32_nodes", "search", "sensitivity_samples", "tolerances", "batch_size", "latency_iterations")
+_FALLBACK_ONLY = (
+    "max_fp32_nodes", "search", "sensitivity_samples", "tolerances", "batch_size", "latency_iterations", "runtime"
+)
+
+#: The option that names what runs the trials of ``calibrate: auto`` and ``quantize: fallback``.
+_RUNTIME_SCHEMA = {
+    "enum": list(ONNX_RUNTIMES),
+    "description": "Runtime that runs every trial (verification and latency). Unset: lowering sets the recipe's "
+    "runtime (ONNX Runtime for runtimes that do not read ONNX), since ONNX Runtime and OpenVINO execute the "
+    "same QDQ graph with different INT8 rounding.",
+}
 
 _TOLERANCES_SCHEMA = {
     "type": "object",
@@ -302,11 +312,13 @@ def _trial_record(metrics: dict[str, Any], tolerances: dict[str, float]) -> dict
     return rec
 
 
-def _validation_evaluator(inputs: dict[str, Artifact], ctx: PassContext, batch: int) -> Evaluator:
+def _validation_evaluator(
+    inputs: dict[str, Artifact], ctx: PassContext, batch: int, runtime: str = "onnxruntime"
+) -> Evaluator:
     data = load_arrays(inputs["validation"])
     ref = load_arrays(inputs["reference"])["output0"]
     batch = min(batch, ctx.signature.max_batch())
-    return Evaluator(data, ctx.signature.names, ref, batch, default_threads(), data.get("labels"))
+    return Evaluator(data, ctx.signature.names, ref, batch, default_threads(), data.get("labels"), runtime)
 
 
 def _latency_feeds(evaluator: Evaluator) -> dict[str, np.ndarray]:
@@ -328,7 +340,7 @@ class Calibrate(Pass):
     The table of the trial that scores best (:func:`accelc.passes.sensitivity.quality_key`
     under ``selection.tolerances``) becomes ``calibration.json``; every table is kept under
     ``tables/``. Metrics: ``trials`` (method, verification metrics, p50 latency at batch 1)
-    and ``kept``.
+    and ``kept``. ``selection.runtime`` is what runs the trials (lowering sets the recipe's).
     """
 
     name = "calibrate"
@@ -393,6 +405,7 @@ class Calibrate(Pass):
                     "tolerances": _TOLERANCES_SCHEMA,
                     "batch_size": {"type": "integer", "minimum": 1},
                     "latency_iterations": {"type": "integer", "minimum": 1, "default": 20},
+                    "runtime": _RUNTIME_SCHEMA,
                 },
             },
         },
@@ -465,7 +478,8 @@ class Calibrate(Pass):
                 raise PassError(f"calibrate method 'auto' needs the '{slot}' input (add data.validation to the recipe)")
         sel = options.get("selection", {})
         tolerances = sel.get("tolerances", {})
-        evaluator = _validation_evaluator(inputs, ctx, sel.get("batch_size", 16))
+        runtime = sel.get("runtime", "onnxruntime")
+        evaluator = _validation_evaluator(inputs, ctx, sel.get("batch_size", 16), runtime)
         tables = ctx.workdir / "tables"
         tables.mkdir()
         trials: list[dict[str, Any]] = []
@@ -487,7 +501,8 @@ class Calibrate(Pass):
                 models[method] = q
             ctx.progress("latency of the trials, side by side")
             lat = p50_latency_ms(
-                models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20)
+                models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20),
+                runtime=runtime,
             )
         for rec in trials:
             rec["p50_ms"] = lat[rec["method"]]
@@ -500,6 +515,7 @@ class Calibrate(Pass):
             "calibration.json",
             metrics={
                 "method": best["method"],
+                "runtime": runtime,
                 "samples": len(data[ctx.signature.names[0]]),
                 "tensors": tensors,
                 "latency": {
@@ -541,7 +557,9 @@ class Quantize(Pass):
     side by side with the float model), with ``sensitivity`` and ``latency`` (float, full
     INT8 and kept model, p50 ms). The post-check fails the build when no trial met the
     tolerances, naming the most sensitive nodes and what to change. Without ``fallback``
-    the pass only quantizes.
+    the pass only quantizes. ``runtime`` (set by lowering from the recipe) is what runs the
+    trials, the sensitivity models and the latency: the accuracy the search accepts is the
+    deployed runtime's.
     """
 
     name = "quantize"
@@ -598,6 +616,7 @@ class Quantize(Pass):
                 "default": 40,
                 "description": "Timed runs per trial for the side-by-side latency in the report.",
             },
+            "runtime": _RUNTIME_SCHEMA,
         },
     }
 
@@ -637,7 +656,7 @@ class Quantize(Pass):
             if slot not in inputs:
                 raise PassError(f"quantize.fallback needs the '{slot}' input (add data.validation to the recipe)")
 
-        evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16))
+        evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16), options.get("runtime", "onnxruntime"))
         timing: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -688,6 +707,7 @@ class Quantize(Pass):
                 _latency_feeds(evaluator),
                 default_threads(),
                 options["latency_iterations"],
+                runtime=options.get("runtime", "onnxruntime"),
             )
             lap("latency")
         for rec in trials:
@@ -701,6 +721,7 @@ class Quantize(Pass):
             **self._facts(out, excluded),
             "fp32_nodes": chosen["fp32_nodes"] if kept is not None else [],
             "tolerances": tolerances,
+            "runtime": options.get("runtime", "onnxruntime"),
             "latency": {
                 "batch": 1,
                 "threads": default_threads(),
@@ -743,9 +764,10 @@ class Quantize(Pass):
         pick = np.unique(np.linspace(0, total - 1, min(options["sensitivity_samples"], total)).round().astype(int))
         arrays = {n: arrays[n][pick] for n in ctx.signature.names}
         ctx.progress("sensitivity: float model outputs")
-        probe = Evaluator(arrays, ctx.signature.names, np.zeros(0), validation.batch, validation.threads)
+        rt = validation.runtime
+        probe = Evaluator(arrays, ctx.signature.names, np.zeros(0), validation.batch, validation.threads, runtime=rt)
         float_out = probe.outputs(inputs["model"].file)
-        evaluator = Evaluator(arrays, ctx.signature.names, float_out, validation.batch, validation.threads)
+        evaluator = Evaluator(arrays, ctx.signature.names, float_out, validation.batch, validation.threads, runtime=rt)
         units = fallback_units(model, onnx.load(str(full)), quantized_op_types(options), options["nodes_to_exclude"])
         only = tmp / "only.onnx"
         ranking = rank_units(

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from accelc.runners import ort_session
+from accelc.runners import onnx_session
 
 from .loading import iter_batches
 from .verification import TOLERANCES, compare_outputs, tolerance_failures
@@ -55,8 +55,10 @@ class Evaluator:
         names: the model's input names, in order.
         reference: ``(N, ...)`` float outputs to compare with (the source model's, or the float model's).
         batch: samples per ``session.run`` (must fit the model's batch dimension).
-        threads: ORT intra-op threads (``None``: ORT's default).
+        threads: intra-op threads (``None``: the runtime's default).
         labels: optional ``(N,)`` int64 labels, passed on to :func:`compare_outputs`.
+        runtime: what runs the models, one of :data:`accelc.runners.ONNX_RUNTIMES`: the runtime
+            that will deploy them, since ONNX Runtime and OpenVINO round INT8 differently.
     """
 
     def __init__(
@@ -67,7 +69,9 @@ class Evaluator:
         batch: int,
         threads: int | None,
         labels: np.ndarray | None = None,
+        runtime: str = "onnxruntime",
     ):
+        self.runtime = runtime
         self.arrays = {k: arrays[k] for k in names}
         self.names = names
         self.reference = reference
@@ -75,17 +79,14 @@ class Evaluator:
         self.threads = threads
         self.labels = labels
 
-    def outputs(self, model: str | Path | bytes) -> np.ndarray:
-        """First output of ``model`` on all samples, float32 ``(N, ...)``."""
-        sess = ort_session(model, self.threads)
+    def outputs(self, model: str | Path) -> np.ndarray:
+        """First output of the ONNX file ``model`` on all samples, float32 ``(N, ...)``."""
+        sess = onnx_session(model, self.threads, self.runtime)
         return np.concatenate(
-            [
-                np.asarray(sess.run(None, f)[0], dtype=np.float32)
-                for _, f in iter_batches(self.arrays, self.names, self.batch)
-            ]
+            [np.asarray(sess.run(f)[0], dtype=np.float32) for _, f in iter_batches(self.arrays, self.names, self.batch)]
         )
 
-    def metrics(self, model: str | Path | bytes) -> dict[str, Any]:
+    def metrics(self, model: str | Path) -> dict[str, Any]:
         """:func:`compare_outputs` of ``model`` against the reference (``samples``, ``top1_agreement``, ...)."""
         return compare_outputs(self.reference, self.outputs(model), self.labels)
 
@@ -109,25 +110,26 @@ def p50_latency_ms(
     iterations: int,
     rounds: int = 5,
     warmup: int = 5,
+    runtime: str = "onnxruntime",
 ) -> dict[str, float]:
     """Median batch latency in ms of each model, measured side by side in this process.
 
     The ``iterations`` timed runs per model are split into ``rounds`` interleaved rounds
     (model A, B, C, A, B, C, ...) so that load from other processes on a shared machine
     hits all models alike. Each model gets ``warmup`` untimed runs first. ``time.perf_counter``
-    around ``session.run``, host outputs included.
+    around one run on ``runtime`` (:func:`accelc.runners.onnx_session`), host outputs included.
     """
-    sessions = {k: ort_session(p, threads) for k, p in models.items()}
+    sessions = {k: onnx_session(p, threads, runtime) for k, p in models.items()}
     for s in sessions.values():
         for _ in range(warmup):
-            s.run(None, feeds)
+            s.run(feeds)
     per_round = max(1, iterations // max(1, rounds))
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(max(1, rounds)):
         for k, s in sessions.items():
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                s.run(None, feeds)
+                s.run(feeds)
                 times[k].append(time.perf_counter() - t0)
     return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
 

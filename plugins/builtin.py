@@ -10,11 +10,12 @@ from accelc.passes.cuda_graph import CudaGraph
 from accelc.passes.fusion import FuseModules
 from accelc.passes.loading import LoadData, LoadModel, Reference
 from accelc.passes.onnx_export import ExportOnnx, OnnxSim
+from accelc.passes.openvino import OpenVinoIR
 from accelc.passes.quantization import Calibrate, Quantize
 from accelc.passes.tensorrt import TrtEngine, TrtEngineRunner, TrtTimingCache
 from accelc.passes.torch_runtime import Export, Script, ToHalf, Trace
 from accelc.passes.verification import Verify
-from accelc.runners import OrtRunner, TorchRunner
+from accelc.runners import OpenVinoRunner, OrtRunner, TorchRunner
 from accelc.runtime import RuntimeConfigRunner
 from accelc.sources.data import ImagesSource, TensorsSource
 from accelc.sources.models import PythonSource, TorchvisionSource
@@ -26,7 +27,7 @@ from .hookspecs import hookimpl
 def accelc_register_passes() -> list[Any]:
     return [
         LoadModel, LoadData, Reference, FuseModules, ExportOnnx, OnnxSim,
-        Calibrate, Quantize, Verify, Benchmark, TrtTimingCache, TrtEngine, CudaGraph,
+        Calibrate, Quantize, OpenVinoIR, Verify, Benchmark, TrtTimingCache, TrtEngine, CudaGraph,
         ToHalf, Trace, Script, Export,
     ]
 
@@ -46,6 +47,7 @@ def accelc_register_runners() -> dict[str, Any]:
     return {
         "onnx": OrtRunner,
         "onnx.qdq": OrtRunner,
+        "openvino.ir": OpenVinoRunner,
         "torch.module": TorchRunner,
         "torchscript": TorchRunner,
         "torch.exported": TorchRunner,

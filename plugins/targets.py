@@ -9,11 +9,15 @@ from accelc.targets import Pipeline, TargetProfile
 
 from .hookspecs import hookimpl
 
-#: x86-64 CPU, ONNX Runtime CPU execution provider. INT8 as QDQ with u8 activations and
-#: s8 per-channel weights (ORT's recommendation for VNNI CPUs).
+#: x86-64 CPU, ONNX Runtime CPU execution provider (default) or OpenVINO's CPU plugin. INT8 as
+#: QDQ with u8 activations and s8 per-channel weights (ORT's recommendation for VNNI CPUs; the
+#: same file is what OpenVINO's low-precision transformations read), so both runtimes share the
+#: pipeline up to quantize and OpenVINO adds its IR conversion. Lowering points the trials of
+#: calibrate/quantize at the recipe's runtime; OpenVINO's INT8 stage is verified as the IR it
+#: deploys (the QDQ file in between is not run on ONNX Runtime).
 CPU = TargetProfile(
     name="cpu",
-    description="x86-64 CPU, ONNX Runtime CPU execution provider",
+    description="x86-64 CPU, ONNX Runtime CPU execution provider or OpenVINO CPU plugin",
     device="cpu",
     capabilities=("x86_64", "onnxruntime"),
     default_runtime="onnxruntime",
@@ -24,7 +28,16 @@ CPU = TargetProfile(
                 "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize",
                 verify_after=("onnxsim", "quantize"),
             ),
-        }
+        },
+        "openvino": {
+            "fp32": Pipeline.of(
+                "fuse_modules", "export_onnx", "onnxsim", "openvino_ir", verify_after=("onnxsim", "openvino_ir")
+            ),
+            "int8": Pipeline.of(
+                "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize", "openvino_ir",
+                verify_after=("onnxsim", "openvino_ir"),
+            ),
+        },
     },
 )
 
