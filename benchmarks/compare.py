@@ -157,6 +157,28 @@ class OrtCall:
         return np.asarray(self.session.run(None, feeds)[0])
 
 
+class OpenVinoCall:
+    """An ONNX file compiled by OpenVINO's CPU plugin the way a user would: ``compile_model(path,
+    "CPU")`` with only the thread count and the ``LATENCY`` hint set. The inference precision is
+    left at the plugin's default, which on CPUs with bf16 support (AVX512-BF16, AMX) runs float
+    ops in bf16: the quality columns show what that costs."""
+
+    def __init__(self, path: str, threads: int, device: str):
+        if device != "cpu":
+            raise Skip("OpenVINO's CPU plugin runs on the CPU only")
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise Skip("the openvino package is not installed") from e
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(path, "CPU", config)
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        self.request.infer(feeds)
+        return np.array(self.request.get_output_tensor(0).data)
+
+
 class AccelcCall:
     """accelc's artifact through accelc's own runner for its kind (``OrtRunner`` for ONNX)."""
 
@@ -204,6 +226,10 @@ def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None
         if not path:
             raise Skip(spec.get(f"{variant}_reason", "not prepared"))
         return OrtCall(path, threads, device)
+    if variant == "ov_fp32":
+        if not spec.get("ort_fp32"):  # the same default export
+            raise Skip(spec.get("ort_fp32_reason", "not prepared"))
+        return OpenVinoCall(spec["ort_fp32"], threads, device)
     if variant == "accelc":
         if not spec.get("accelc"):
             raise Skip(spec.get("accelc_reason", "no artifact"))
@@ -627,18 +653,19 @@ def prepare_alternatives(
     spec file the memory subprocesses read."""
     export_s: float | None = None
     spec_file = work / "spec.json"
-    if {"ort_fp32", "ort_int8_qs"} & set(vres):
+    if {"ort_fp32", "ov_fp32", "ort_int8_qs"} & set(vres):
         say("torch.onnx.export with defaults")
         spec_file.write_text(json.dumps({**spec, "out": str(work / "fp32.onnx")}))
         try:
             _, export_s = run_worker(["--worker", "export", "--spec", str(spec_file)], env)
             spec["ort_fp32"] = str(work / "fp32.onnx")
-            if "ort_fp32" in vres:
-                vres["ort_fp32"]["build"] = {
-                    "cold_s": export_s,
-                    "warm_s": None,
-                    "note": "export subprocess wall time; nothing is cached",
-                }
+            for name in ("ort_fp32", "ov_fp32"):
+                if name in vres:
+                    vres[name]["build"] = {
+                        "cold_s": export_s,
+                        "warm_s": None,
+                        "note": "export subprocess wall time; nothing is cached",
+                    }
         except RuntimeError as e:
             spec["ort_fp32_reason"] = spec["ort_int8_qs_reason"] = f"export failed: {e}"
             export_s = None

@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-#: The variants in table order: the starting point, three alternatives, accelc's artifact.
-VARIANTS: tuple[str, ...] = ("eager", "compile", "ort_fp32", "ort_int8_qs", "accelc")
+#: The variants in table order: the starting point, four alternatives, accelc's artifact.
+VARIANTS: tuple[str, ...] = ("eager", "compile", "ort_fp32", "ov_fp32", "ort_int8_qs", "accelc")
 LABELS: dict[str, str] = {
     "eager": "eager PyTorch FP32 (inference_mode)",
     "compile": "torch.compile FP32 (default mode)",
     "ort_fp32": "ONNX Runtime FP32 (default export)",
+    "ov_fp32": "OpenVINO CPU plugin on the default export (default precision)",
     "ort_int8_qs": "ONNX Runtime INT8 (quantize_static defaults)",
     "accelc": "accelc artifact",
 }
@@ -43,6 +44,7 @@ SHORT_LABELS: dict[str, str] = {
     "eager": "eager FP32",
     "compile": "torch.compile FP32",
     "ort_fp32": "ORT FP32",
+    "ov_fp32": "OpenVINO FP32",
     "ort_int8_qs": "ORT INT8 quantize_static",
     "accelc": "accelc",
 }

@@ -25,6 +25,10 @@ KIND_REQUIRES: dict[str, tuple[str, ...]] = {
     "runtime.config": ("cuda",),
     "openvino.ir": ("openvino",),
 }
+#: Quantize format options a runtime wants unless the recipe sets them: OpenVINO runs the
+#: producer of a float node's input as an INT8 kernel with a float output when no Q/DQ pair
+#: sits in between (see the quantize option ``float_node_inputs``).
+RUNTIME_QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"float_node_inputs": "float"}}
 #: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
 #: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
 DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")
@@ -218,11 +222,14 @@ def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_
 
     * ``quantize`` with ``fallback`` set (``auto`` or ``off``) gets the quantize stage's tolerances
       (those of the first verified stage from quantize on: ``openvino_ir`` when the QDQ model is
-      verified only as the runtime's IR) and the verify batch size, so it can check itself and, with ``auto``, search the nodes to
-      keep in float. The tolerances stay in its cache key: they decide which nodes are excluded.
-      Without ``fallback`` nothing is added: verify alone checks the stage.
+      verified only as the runtime's IR) and the verify batch size, so it can check itself and, with
+      ``auto``, search the nodes to keep in float. The tolerances stay in its cache key: they
+      decide which nodes are excluded. Without ``fallback`` nothing is added: verify alone checks
+      the stage.
     * ``calibrate`` with ``method: auto`` gets ``selection``: the format options of the next
       ``quantize`` step (to quantize each trial like the build will) and that stage's tolerances.
+    * ``quantize`` (and so calibrate's ``selection.quantize``) gets the format defaults of
+      :data:`RUNTIME_QUANTIZE_DEFAULTS` for the recipe's runtime where the recipe left them unset.
     * Both get ``runtime``: the recipe's runtime when it runs ONNX files itself
       (:data:`accelc.runners.ONNX_RUNTIMES`, e.g. ``openvino``), so the trials are scored on
       what deploys them; ONNX Runtime otherwise (a TensorRT build scores its QDQ graph there).
@@ -238,6 +245,7 @@ def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_
         return {}
 
     if name == "quantize":
+        opts = {**RUNTIME_QUANTIZE_DEFAULTS.get(runtime, {}), **opts}
         if not opts.get("fallback"):
             return opts  # plain quantization: verify alone checks it, and a tolerance change reruns nothing
         tol = stage_tolerances("quantize")
@@ -259,7 +267,7 @@ def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_
     fmt: dict[str, Any] = {}
     if q is not None and qpass is not None and cpass is not None:
         allowed = cpass.options_schema["properties"]["selection"]["properties"]["quantize"]["properties"]
-        full = apply_defaults(qpass.options_schema, dict(q.options))
+        full = apply_defaults(qpass.options_schema, {**RUNTIME_QUANTIZE_DEFAULTS.get(runtime, {}), **q.options})
         fmt = {k: v for k, v in full.items() if k in allowed}
     selection = {"quantize": fmt, "tolerances": stage_tolerances("quantize") or dict(tolerances),
                  "batch_size": batch_size, "runtime": trial_runtime, **opts.get("selection", {})}

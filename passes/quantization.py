@@ -29,6 +29,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from accelc.runners import ONNX_RUNTIMES, default_threads
 from .bias_correction import correct_bias, recorded_correction
 from .loading import iter_batches, load_arrays
 from .sensitivity import (
+    FOLDABLE_ACTIVATIONS,
     Evaluator,
     fallback_units,
     p50_latency_ms,
@@ -101,6 +103,14 @@ FORMAT_OPTIONS: dict[str, Any] = {
         "description": "Correct each quantized layer's bias so its per-channel output mean matches the float "
         "model's on the calibration set (empirical bias correction, Nagel et al. 2019; see "
         "accelc.passes.bias_correction). Free at inference time.",
+    },
+    "float_node_inputs": {
+        "enum": ["qdq", "float"],
+        "description": "How a node kept in float reads an activation a quantized node wrote. 'qdq' (ONNX "
+        "Runtime's layout) keeps the QuantizeLinear/DequantizeLinear pair there: ORT needs the Q to fuse the "
+        "producer into one INT8 op. 'float' removes the pair, so the producer writes float32 directly: "
+        "OpenVINO runs it as an INT8 kernel with a float output and skips a u8 round trip that it executes "
+        "unfused. Unset: 'float' for runtime openvino, else 'qdq' (set by lowering).",
     },
 }
 
@@ -208,6 +218,72 @@ def pin_float_nodes(model: Any) -> list[str]:
     return [n.name for n, _ in pinned]
 
 
+def unquantize_float_inputs(model: Any, float_model: Any, is_float: Callable[[str], bool]) -> list[str]:
+    """Remove the QuantizeLinear/DequantizeLinear pairs in front of float nodes.
+
+    Every ``DequantizeLinear`` of an activation (its input written by a ``QuantizeLinear``) whose
+    consumers are all float nodes (``is_float(node name)``; a graph output is not one) is
+    bypassed: the consumers read the ``QuantizeLinear``'s float input instead. The pair is then
+    dropped by :func:`prune_dead_nodes` unless other (quantized) consumers still read the Q.
+
+    ONNX Runtime's quantizer drops a ``Relu``/``Clip`` whose range the following Q already
+    clamps to, and names the producer's output after the activation's. Where the bypassed
+    tensor was written by such an activation in ``float_model`` (the model before
+    quantization), a copy of it (attributes and bound initializers included) is put back in
+    front of the float consumers, so they read exactly the float graph's tensor. A tensor
+    whose float-graph producer is missing for any other reason is left quantized.
+
+    Numerically the float nodes then see the producer's unrounded output: one quantization
+    error fewer. Edits ``model`` in place; returns the names of the rewired consumers.
+    """
+    import onnx
+
+    g = model.graph
+    float_producer = {o: n for n in float_model.graph.node for o in n.output}
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    in_qdq = {n.name for n in g.node}
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    rewired: list[str] = []
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        q = producer.get(dq.input[0])
+        users = consumers.get(dq.output[0], [])
+        if q is None or q.op_type != "QuantizeLinear" or not users or dq.output[0] in outputs:
+            continue
+        if not all(is_float(u.name) for u in users):
+            continue
+        source = q.input[0]
+        fp = float_producer.get(source)
+        if fp is None or (fp.name not in in_qdq and fp.op_type not in FOLDABLE_ACTIVATIONS):
+            continue
+        if fp.name not in in_qdq:  # a folded activation: run it in float again
+            act = onnx.NodeProto()
+            act.CopyFrom(fp)
+            act.name = f"{fp.name}_float"
+            act.input[0] = source
+            act.output[0] = f"{source}_float"
+            for extra in list(act.input)[1:]:
+                if extra and extra not in inits and extra in float_inits:
+                    g.initializer.append(float_inits[extra])
+                    inits.add(extra)
+            g.node.insert(list(g.node).index(dq), act)
+            in_qdq.add(act.name)
+            source = act.output[0]
+        for u in users:
+            for k, name in enumerate(u.input):
+                if name == dq.output[0]:
+                    u.input[k] = source
+            rewired.append(u.name)
+    if rewired:
+        prune_dead_nodes(model)
+    return rewired
+
+
 def prune_dead_nodes(model: Any) -> int:
     """Remove nodes none of whose outputs is consumed or a graph output (repeatedly, so chains
     such as QuantizeLinear -> DequantizeLinear go together), then unused initializers.
@@ -251,7 +327,9 @@ def quantize_model(
     ``options`` holds the format options (:data:`FORMAT_OPTIONS`; defaults for missing ones);
     ``nodes_to_exclude`` replaces ``options["nodes_to_exclude"]`` when given;
     ``nodes_to_quantize`` restricts quantization to those nodes (``None``: all eligible).
-    Excluded Conv/Gemm nodes are pinned to float (:func:`pin_float_nodes`). With
+    With ``float_node_inputs: float`` the Q/DQ pairs in front of float nodes are removed
+    (:func:`unquantize_float_inputs`). Excluded Conv/Gemm nodes still fed by a
+    ``DequantizeLinear`` are pinned to float (:func:`pin_float_nodes`). With
     ``bias_correction`` (the default) the quantized layers' biases are then corrected on
     ``calibration`` (model inputs by name, ``(N, ...)`` float32) by
     :func:`accelc.passes.bias_correction.correct_bias`, which records what it did in the
@@ -293,7 +371,15 @@ def quantize_model(
     except Exception as e:
         raise PassError(f"quantize: {type(e).__name__}: {e}") from e
     q = onnx.load(str(out))
-    if pin_float_nodes(q):
+    changed = False
+    if opts.get("float_node_inputs") == "float":
+        # float: excluded, or (a one-node model) outside the nodes asked for
+        keep = set(nodes_to_quantize) if nodes_to_quantize is not None else None
+        excluded = set(exclude)
+        changed = bool(unquantize_float_inputs(
+            q, onnx.load(str(model)), lambda name: name in excluded or (keep is not None and name not in keep)
+        ))
+    if pin_float_nodes(q) or changed:
         onnx.save(q, str(out))
     if opts["bias_correction"]:
         if calibration is None:
@@ -656,7 +742,8 @@ class Quantize(Pass):
             if slot not in inputs:
                 raise PassError(f"quantize.fallback needs the '{slot}' input (add data.validation to the recipe)")
 
-        evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16), options.get("runtime", "onnxruntime"))
+        runtime = options.get("runtime", "onnxruntime")
+        evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16), runtime)
         timing: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -707,7 +794,7 @@ class Quantize(Pass):
                 _latency_feeds(evaluator),
                 default_threads(),
                 options["latency_iterations"],
-                runtime=options.get("runtime", "onnxruntime"),
+                runtime=runtime,
             )
             lap("latency")
         for rec in trials:
@@ -721,7 +808,7 @@ class Quantize(Pass):
             **self._facts(out, excluded),
             "fp32_nodes": chosen["fp32_nodes"] if kept is not None else [],
             "tolerances": tolerances,
-            "runtime": options.get("runtime", "onnxruntime"),
+            "runtime": runtime,
             "latency": {
                 "batch": 1,
                 "threads": default_threads(),

@@ -4,8 +4,10 @@ scored on OpenVINO. Small models built here; the real model runs in test_e2e.py.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from builders import write_tiny_recipe
+from test_bias_correction import float_model, run, samples, table
 
 from accelc.artifacts import Artifact
 from accelc.build import build, prepare
@@ -14,6 +16,7 @@ from accelc.graph import unmet
 from accelc.host import Host
 from accelc.pass_api import PassContext
 from accelc.passes.openvino import OpenVinoIR, layer_precisions
+from accelc.passes.quantization import quantize_model
 from accelc.passes.sensitivity import Evaluator
 from accelc.runners import OpenVinoRunner, onnx_session, ort_session
 
@@ -155,3 +158,44 @@ def test_fallback_search_scores_trials_on_openvino(tmp_path):
     kept = next(t for t in q["trials"] if t["kept"])
     v = stage(outcome.report, "verify[openvino_ir]")["metrics"]
     assert kept["cosine"] == pytest.approx(v["cosine"], abs=1e-6)
+
+
+def _input_producer(path, node: str) -> str:
+    g = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    (n,) = [n for n in g.node if n.name == node]
+    return producer.get(n.input[0], "graph input")
+
+
+def test_float_node_inputs_float_drops_the_qdq_pair_in_front_of_float_nodes(tmp_path):
+    fp = float_model(tmp_path / "float.onnx")
+    tab = table(fp, samples(0), tmp_path)
+    opts = {"bias_correction": False, "nodes_to_exclude": ["conv2"]}
+    qdq = quantize_model(fp, tab, tmp_path / "qdq.onnx", opts)
+    flt = quantize_model(fp, tab, tmp_path / "flt.onnx", {**opts, "float_node_inputs": "float"})
+    assert _input_producer(qdq, "conv2") == "DequantizeLinear"
+    assert _input_producer(flt, "conv2") not in ("DequantizeLinear", "QuantizeLinear")
+    # the quantized nodes keep their quantized inputs
+    assert _input_producer(flt, "conv1") == _input_producer(flt, "fc") == "DequantizeLinear"
+    # one quantization error fewer in front of conv2
+    x = samples(1)
+    ref = run(fp, x)
+    assert np.abs(run(flt, x) - ref).mean() < np.abs(run(qdq, x) - ref).mean()
+    # the Relu the quantizer folded into conv1's output range runs again in front of conv2
+    assert _input_producer(flt, "conv2") == "Relu"
+    # OpenVINO: conv1 stays an INT8 kernel (with a float output), conv2 float, fc INT8
+    assert layer_precisions(onnx_session(flt, 1, "openvino").compiled) == {"f32": 1, "u8": 2}
+
+
+def test_openvino_runtime_defaults_float_node_inputs_unless_the_recipe_sets_it(tmp_path):
+    passes = ["fuse_modules", "export_onnx", "onnxsim", {"calibrate": {"method": "auto"}},
+              {"quantize": {"fallback": "auto"}}, "openvino_ir"]
+    graph, _ = prepare(write_tiny_recipe(tmp_path / "a", **OV, passes=passes))
+    assert graph.by_id["quantize"].options["float_node_inputs"] == "float"
+    assert graph.by_id["calibrate"].options["selection"]["quantize"]["float_node_inputs"] == "float"
+    passes[4] = {"quantize": {"fallback": "auto", "float_node_inputs": "qdq"}}
+    graph, _ = prepare(write_tiny_recipe(tmp_path / "b", **OV, passes=passes))
+    assert graph.by_id["quantize"].options["float_node_inputs"] == "qdq"
+    assert graph.by_id["calibrate"].options["selection"]["quantize"]["float_node_inputs"] == "qdq"
+    graph, _ = prepare(write_tiny_recipe(tmp_path / "c"))  # ONNX Runtime: the recipe's QDQ layout
+    assert "float_node_inputs" not in graph.by_id["quantize"].options
