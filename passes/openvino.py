@@ -22,7 +22,7 @@ from typing import Any
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runners import OPENVINO_PRECISIONS, openvino_compile
+from accelc.runners import OPENVINO_PRECISIONS, openvino_compile, openvino_convert
 
 #: Layer types of OpenVINO's CPU runtime model that carry the compute (GroupConvolution is
 #: reported as Convolution there).
@@ -83,13 +83,11 @@ class OpenVinoIR(Pass):
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         import openvino as ov
 
-        src = inputs["model"].file
         ctx.progress("convert to OpenVINO IR")
         try:
-            model = ov.convert_model(str(src))
-        except Exception as e:  # the ONNX frontend raises its own OpConversionFailure / RuntimeError types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PassError(f"openvino_ir: OpenVINO could not convert {src.name}: {first}") from e
+            model = openvino_convert(inputs["model"].file)
+        except PassError as e:
+            raise PassError(f"openvino_ir: {e}") from e
         xml = ctx.workdir / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
         ctx.progress("compile on the CPU plugin")
