@@ -916,7 +916,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    for pkg in ("accelc", "torch", "onnxruntime", "onnx", "numpy"):
+    for pkg in ("accelc", "torch", "onnxruntime", "openvino", "onnx", "numpy"):
         info[pkg] = package_version(pkg)
     cuda = host.cuda
     if cuda:
@@ -1067,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"machine: {escape(machine['cpu'])}, {machine['cpus']} CPUs"
         f"{', AVX-512 VNNI' if machine['avx512_vnni'] else ''}; torch {machine['torch']}, "
-        f"onnxruntime {machine['onnxruntime']}"
+        f"onnxruntime {machine['onnxruntime']}, openvino {machine['openvino']}"
     )
     console.print(
         f"threads: {threads} for every variant (torch.set_num_threads, ORT intra_op_num_threads; "

@@ -370,7 +370,8 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         f"{' (' + m['cpu_family_model'] + ')' if m.get('cpu_family_model') else ''} ({m.get('cpus', '?')} CPUs"
         f"{', AVX-512 VNNI' if m.get('avx512_vnni') else ''}), "
         f"{doc.get('threads', '?')} threads for every variant; "
-        f"torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')}. "
+        f"torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')}"
+        f"{', openvino ' + m['openvino'] if m.get('openvino') else ''}. "
         f"{s.get('rounds', '?')} alternated rounds of {s.get('iterations', '?')} batch-1 runs and "
         f"{s.get('throughput_iterations', '?')} larger-batch runs per variant"
         f"{' (quick smoke run: not for quoting)' if s.get('quick') else ''}.",
