@@ -7,6 +7,7 @@ host). Factories register per artifact kind through ``accelc_register_runners``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -72,6 +73,31 @@ ONNX_RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 
 
+def _openvino() -> Any:
+    """The ``openvino`` module. Raises :class:`PassError` saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise PassError("the openvino runtime needs the Python package 'openvino' (pip install openvino)") from e
+    return openvino
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    """One ``openvino.Core`` for the process, never destroyed. OpenVINO 2026.4's CPU plugin calls
+    ``sigaltstack`` on the calling thread when its engine is created and when compiled models
+    are destroyed (seen in gdb); with a Core per model, two models released first-in first-out
+    left the main thread's alternate signal stack on freed memory. Python's signal
+    handlers run on that stack (SA_ONSTACK), so a later Ctrl-C segfaulted instead of raising
+    KeyboardInterrupt (tests/test_openvino.py::test_ctrl_c_still_raises_keyboard_interrupt_after_openvino_ran)."""
+    return _openvino().Core()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:
     """An OpenVINO ``CompiledModel`` on the CPU plugin, set up for batch-1 latency.
 
@@ -81,19 +107,16 @@ def openvino_compile(model: Any, threads: int | None = None, precision: str = "f
     ``INFERENCE_PRECISION_HINT`` (:data:`OPENVINO_PRECISIONS`). Raises :class:`PassError` when
     the ``openvino`` package is missing or the plugin cannot compile the model.
     """
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise PassError("the openvino runtime needs the Python package 'openvino' (pip install openvino)") from e
+    core = _openvino_core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     src = str(model) if isinstance(model, (str, os.PathLike)) else model
     try:
-        return ov.Core().compile_model(src, "CPU", config)
+        return core.compile_model(src, "CPU", config)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PassError(f"OpenVINO could not compile {src if isinstance(src, str) else 'the model'}: {first}") from e
+        what = src if isinstance(src, str) else "the model"
+        raise PassError(f"OpenVINO could not compile {what}: {_first_line(e)}") from e
 
 
 def openvino_convert(path: str | os.PathLike[str]) -> Any:
@@ -102,15 +125,11 @@ def openvino_convert(path: str | os.PathLike[str]) -> Any:
     frontend, whose float rounding can differ (on EfficientNet-Lite0 INT8 it flipped one near-tie
     crop of 96), so whatever scores a model for OpenVINO converts it this way first.
     Raises :class:`PassError` naming the file when the conversion fails."""
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise PassError("the openvino runtime needs the Python package 'openvino' (pip install openvino)") from e
+    ov = _openvino()
     try:
         return ov.convert_model(str(path))
     except Exception as e:  # the ONNX frontend raises its own OpConversionFailure / RuntimeError types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PassError(f"OpenVINO could not convert {Path(path).name}: {first}") from e
+        raise PassError(f"OpenVINO could not convert {Path(path).name}: {_first_line(e)}") from e
 
 
 class _OpenVinoSession:
