@@ -60,6 +60,7 @@ from benchmarks.summary import (
     margin_stats,
     op_profile,
     ort_profile_summary,
+    ov_profile_summary,
     pixel_step_noise,
     render_markdown,
     round_order,
@@ -161,16 +162,24 @@ class OpenVinoCall:
     """An ONNX file compiled by OpenVINO's CPU plugin the way a user would: ``compile_model(path,
     "CPU")`` with only the thread count and the ``LATENCY`` hint set. The inference precision is
     left at the plugin's default, which on CPUs with bf16 support (AVX512-BF16, AMX) runs float
-    ops in bf16: the quality columns show what that costs."""
+    ops in bf16: the quality columns show what that costs. ``precision`` sets
+    ``INFERENCE_PRECISION_HINT`` (profiling an accelc IR at its recorded precision); ``profile``
+    turns on the per-layer counters (``PERF_COUNT``) read by :func:`profile_variants`."""
 
-    def __init__(self, path: str, threads: int, device: str):
+    def __init__(
+        self, path: str, threads: int, device: str, precision: str | None = None, profile: bool = False
+    ):
         if device != "cpu":
             raise Skip("OpenVINO's CPU plugin runs on the CPU only")
         try:
             import openvino as ov
         except ImportError as e:
             raise Skip("the openvino package is not installed") from e
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if profile:
+            config["PERF_COUNT"] = True
         compiled = ov.Core().compile_model(path, "CPU", config)
         self.request = compiled.create_infer_request()
 
@@ -601,10 +610,31 @@ def profile_variants(
     runs: int,
 ) -> dict[str, Any]:
     """Where the batch-1 time goes, per operator type (``benchmarks.summary.op_profile``): ONNX
-    Runtime's node profile for the ONNX variants, torch.profiler's top-level operators for eager
-    FP32 (each run inside a ``record_function`` so operators are matched across runs). Times in
-    ms per run; ``kernels_min_ms`` is the noise-robust sum of per-node minimums."""
+    Runtime's node profile for the ONNX variants, OpenVINO's per-layer counters for the OpenVINO
+    ones (``benchmarks.summary.ov_profile_summary``), torch.profiler's top-level operators for
+    eager FP32 (each run inside a ``record_function`` so operators are matched across runs).
+    Times in ms per run; ``kernels_min_ms`` is the noise-robust sum of per-node minimums."""
     out: dict[str, Any] = {}
+    ov_models: dict[str, tuple[str | None, str | None]] = {"ov_fp32": (spec.get("ort_fp32"), None)}
+    if spec.get("accelc") and spec["accelc"]["kind"] == "openvino.ir":
+        art = spec["accelc"]
+        precision = art.get("meta", {}).get("inference_precision", "f32")
+        ov_models["accelc"] = (str(Path(art["path"]) / art["main"]), precision)
+    for name, (path, precision) in ov_models.items():
+        if not path or name not in calls:
+            continue
+        try:
+            ov_call = OpenVinoCall(path, spec["threads"], spec["device"], precision=precision, profile=True)
+        except Skip:
+            continue
+        ov_call(feeds_1)  # the first, cold, run is left out
+        infos, wall = [], []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            ov_call(feeds_1)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            infos.append(ov_call.request.profiling_info)
+        out[name] = ov_profile_summary(infos, wall)
     onnx_paths = {"ort_fp32": spec.get("ort_fp32"), "ort_int8_qs": spec.get("ort_int8_qs")}
     if spec.get("accelc") and spec["accelc"]["kind"].startswith("onnx"):
         onnx_paths["accelc"] = str(Path(spec["accelc"]["path"]) / spec["accelc"]["main"])

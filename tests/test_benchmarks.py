@@ -156,6 +156,13 @@ def test_recipes_without_targets_get_the_common_ones():
     assert [t["metric"] for t in r["targets"]] == ["verified", "warm_build_s"]
 
 
+def test_every_cpu_recipe_of_a_model_gets_its_targets_whatever_the_runtime():
+    names = {t.metric for t in S.targets_for("resnet18_cpu_openvino_int8")}
+    assert {"speedup_vs_eager", "top1_agreement", "verified"} <= names
+    assert S.targets_for("efficientnet_lite0_cpu_openvino_int8") == S.targets_for("efficientnet_lite0_cpu_int8")
+    assert S.targets_for("resnet18_t4_int8") == S.COMMON_TARGETS
+
+
 def test_table_rows_follow_variant_order_and_mark_unverified_artifacts():
     r = S.finish_recipe(_recipe(verified=False))
     del r["variants"]["compile"]
@@ -247,6 +254,41 @@ def test_ort_profile_summary_groups_by_operator_type_and_drops_the_cold_first_ru
     assert [(o["op"], o["nodes"]) for o in p["ops"]] == [("QLinearConv", 2), ("Add", 1)]
     assert p["ops"][0]["ms"] == pytest.approx(3.5)
     assert p["ops"][0]["min_ms"] == pytest.approx(2.5)
+
+
+def test_ov_profile_summary_splits_layers_by_kernel_precision():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    def layer(name, typ, exec_type, us, status="Status.EXECUTED"):
+        return SimpleNamespace(
+            node_name=name, node_type=typ, exec_type=exec_type, status=status, real_time=timedelta(microseconds=us)
+        )
+
+    runs = [
+        [
+            layer("stem", "Convolution", "jit_avx512_FP32", 400),
+            layer("dw", "GroupConvolution", "brgconv_avx512_dw_I8", 100),
+            layer("fc", "FullyConnected", "brgemm_avx512_I8", 50),
+            layer("in", "Parameter", "unknown_f32", 0, status="Status.NOT_RUN"),
+            layer("out", "Result", "undef", 5),
+        ],
+        [
+            layer("stem", "Convolution", "jit_avx512_FP32", 600),
+            layer("dw", "GroupConvolution", "brgconv_avx512_dw_I8", 100),
+            layer("fc", "FullyConnected", "brgemm_avx512_I8", 70),
+            layer("out", "Result", "undef", 5),
+        ],
+    ]
+    p = S.ov_profile_summary(runs, [1.0, 1.2])
+    ops = {o["op"]: o for o in p["ops"]}
+    assert set(ops) == {"Convolution (fp32)", "GroupConvolution (i8)", "FullyConnected (i8)", "Result"}
+    assert ops["Convolution (fp32)"]["ms"] == pytest.approx(0.5)
+    assert ops["Convolution (fp32)"]["min_ms"] == pytest.approx(0.4)
+    assert p["conv_min_ms"] == pytest.approx(0.4 + 0.1 + 0.05)
+    assert p["kernels_ms"] == pytest.approx((0.555 + 0.775) / 2)
+    assert p["run_ms"] == pytest.approx(1.1)
+    assert p["overhead_ms"] == pytest.approx(1.1 - p["kernels_ms"])
 
 
 def test_op_profile_sum_of_minimums_ignores_a_disturbed_run():
