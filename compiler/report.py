@@ -35,7 +35,10 @@ def build_report(ex: Executor, result: BuildResult, final_files: list[str]) -> d
         "error": None
         if result.failure is None
         else {"type": type(result.failure).__name__, "message": str(result.failure)},
-        "final_artifact": final_files[0] if final_files else None,
+        # the file a runtime loads (an IR's .xml, not its .bin); the other payload files ride along
+        "final_artifact": (result.final.main if result.final.main in final_files else final_files[0])
+        if result.final is not None and final_files
+        else None,
         "final_files": final_files,
         "final_digest": result.final.digest if result.final else None,
         "final_kind": result.final.kind if result.final else None,

@@ -91,3 +91,21 @@ def test_t4_recipe_on_a_host_without_gpu_stops_at_trt_engine(tmp_path):
     assert again.returncode == 3
     rep2 = json.loads((tmp_path / "out" / "report.json").read_text())
     assert all(s["cached"] for s in rep2["stages"] if s["status"] == "ok")
+
+
+def test_resnet18_openvino_recipe_builds_an_int8_ir_scored_on_openvino(tmp_path):
+    """The OpenVINO pipeline on a real torchvision model and real photographs, through the CLI:
+    every compute layer of the IR runs an INT8 kernel, verification and the benchmark run the IR
+    on OpenVINO, and the out dir names the IR's .xml as the artifact."""
+    recipe = REPO / "recipes" / "resnet18_cpu_openvino_int8.yaml"
+    r = accelc(["build", str(recipe), "--out", "out"], tmp_path, tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["final_kind"] == "openvino.ir" and rep["final_artifact"] == "model.xml"
+    assert (tmp_path / "out" / "model.bin").is_file()
+    assert stage(rep, "quantize")["metrics"]["quantize_linear_nodes"] > 0
+    layers = stage(rep, "openvino_ir")["metrics"]["layers"]
+    assert set(layers) <= {"u8", "i8"} and sum(layers.values()) == 21, layers  # 20 convolutions + the FC layer
+    cosine = yaml.safe_load(recipe.read_text())["verify"]["tolerances"]["cosine"]
+    assert stage(rep, "verify[openvino_ir]")["metrics"]["cosine"] >= cosine
+    assert stage(rep, "benchmark")["metrics"]["artifact_kind"] == "openvino.ir"

@@ -81,6 +81,7 @@ def test_int8_build_runs_int8_kernels_and_verifies_on_openvino(int8_build):
     _, out, report = int8_build
     assert report["status"] == "ok"
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".xml", ".bin")) == ["model.bin", "model.xml"]
+    assert report["final_artifact"] == "model.xml"  # what a runtime loads, not the weights file
     ov = stage(report, "openvino_ir")
     assert ov["artifact"]["kind"] == "openvino.ir"
     layers = ov["metrics"]["layers"]
