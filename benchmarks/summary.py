@@ -575,6 +575,8 @@ def profile_lines(recipe: Mapping[str, Any]) -> list[str]:
         gops = p.get("conv_gops")
         if gops:
             peak = peaks.get("int8_gops" if "int8" in name or name == CANDIDATE else "fp32_gflops")
+            if any("(bf16)" in o["op"] or "(f16)" in o["op"] for o in p.get("ops", [])):
+                peak = None  # half-precision kernels: neither measured peak applies
             head += f"; convolutions {gops:.0f} GOP/s" + (
                 f" ({100 * gops / peak:.0f}% of the GEMM peak)" if peak else ""
             )

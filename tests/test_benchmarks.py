@@ -324,6 +324,11 @@ def test_profile_lines_compare_convolutions_with_the_matching_gemm_peak():
     assert "INT8 800 GOP/s" in lines[1]
     assert "eager FP32" in lines[2] and "(50% of the GEMM peak)" in lines[2]
     assert "accelc" in lines[3] and "(50% of the GEMM peak)" in lines[3] and "QLinearConv 2.40" in lines[3]
+    # bf16 kernels beat the FP32 peak by design: no percentage against it
+    bf16_ops = [{"op": "Convolution (bf16)", "ms": 2.6, "min_ms": 2.4}]
+    r["profile"]["ov_fp32"] = {**r["profile"]["accelc"], "ops": bf16_ops}
+    ov = next(line for line in S.profile_lines(r) if line.startswith("OpenVINO FP32"))
+    assert "convolutions 400 GOP/s" in ov and "% of the GEMM peak" not in ov
 
 
 def test_margin_stats_measure_near_ties_behind_flipped_decisions():
