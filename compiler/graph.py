@@ -25,13 +25,10 @@ KIND_REQUIRES: dict[str, tuple[str, ...]] = {
     "runtime.config": ("cuda",),
     "openvino.ir": ("openvino",),
 }
-#: Quantize options a runtime wants unless the recipe sets them. OpenVINO runs the producer of
-#: a float node's input as an INT8 kernel with a float output when no Q/DQ pair sits in between
-#: (the option ``float_node_inputs``), and its per-layer counters price each node kept in float
-#: (``fallback_order: gain_per_ms``).
-RUNTIME_QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "openvino": {"float_node_inputs": "float", "fallback_order": "gain_per_ms"},
-}
+#: Quantize format options a runtime wants unless the recipe sets them: OpenVINO runs the
+#: producer of a float node's input as an INT8 kernel with a float output when no Q/DQ pair
+#: sits in between (see the quantize option ``float_node_inputs``).
+RUNTIME_QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"float_node_inputs": "float"}}
 #: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
 #: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
 DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")

@@ -98,21 +98,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32", profile: bool = False) -> Any:
+def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:
     """An OpenVINO ``CompiledModel`` on the CPU plugin, set up for batch-1 latency.
 
     ``model``: a path (``.xml`` IR or ``.onnx``) or an ``openvino.Model``. ``threads`` sets
     ``INFERENCE_NUM_THREADS`` (``None``: the plugin's default, one per physical core);
     ``PERFORMANCE_HINT=LATENCY`` gives one inference stream; ``precision`` is the
-    ``INFERENCE_PRECISION_HINT`` (:data:`OPENVINO_PRECISIONS`); ``profile`` turns on the
-    per-layer counters (``PERF_COUNT``, read by :func:`openvino_layer_ms`). Raises
-    :class:`PassError` when the ``openvino`` package is missing or the plugin cannot compile
-    the model.
+    ``INFERENCE_PRECISION_HINT`` (:data:`OPENVINO_PRECISIONS`). Raises :class:`PassError` when
+    the ``openvino`` package is missing or the plugin cannot compile the model.
     """
     core = _openvino_core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-    if profile:
-        config["PERF_COUNT"] = True
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     src = str(model) if isinstance(model, (str, os.PathLike)) else model
@@ -121,31 +117,6 @@ def openvino_compile(model: Any, threads: int | None = None, precision: str = "f
     except RuntimeError as e:
         what = src if isinstance(src, str) else "the model"
         raise PassError(f"OpenVINO could not compile {what}: {_first_line(e)}") from e
-
-
-def openvino_layer_ms(
-    model: Any, feeds: dict[str, np.ndarray], threads: int | None, runs: int = 30, warmup: int = 5
-) -> dict[str, float]:
-    """Median time in ms of each layer of ``model`` (as for :func:`openvino_compile`) over
-    ``runs`` batch runs on ``feeds``, from the CPU plugin's per-layer counters. Keys are the
-    names of the source graph's nodes: a runtime layer named ``node_conv2d/WithoutBiases``
-    counts for ``node_conv2d``, and the layers sharing a prefix are summed. Nodes fused into
-    another layer (an activation, a residual add) have no layer of their own and are absent.
-    Raises :class:`PassError` as :func:`openvino_compile` does."""
-    request = openvino_compile(model, threads, profile=True).create_infer_request()
-    for _ in range(warmup):
-        request.infer(feeds)
-    times: dict[str, list[float]] = {}
-    for _ in range(runs):
-        request.infer(feeds)
-        per_run: dict[str, float] = {}
-        for info in request.profiling_info:
-            if str(info.status).rsplit(".", 1)[-1] == "EXECUTED":
-                name = info.node_name.split("/", 1)[0]
-                per_run[name] = per_run.get(name, 0.0) + info.real_time.total_seconds() * 1e3
-        for name, ms in per_run.items():
-            times.setdefault(name, []).append(ms)
-    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def openvino_convert(path: str | os.PathLike[str]) -> Any:

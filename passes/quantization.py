@@ -38,17 +38,14 @@ import numpy as np
 from accelc.artifacts import Artifact
 from accelc.errors import PassError, VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runners import ONNX_RUNTIMES, default_threads, openvino_convert, openvino_layer_ms
+from accelc.runners import ONNX_RUNTIMES, default_threads
 
 from .bias_correction import correct_bias, recorded_correction
 from .loading import iter_batches, load_arrays
 from .sensitivity import (
     FOLDABLE_ACTIVATIONS,
-    ISLAND_MS,
     Evaluator,
     fallback_units,
-    float_cost_ms,
-    order_by_gain_per_ms,
     p50_latency_ms,
     quality_key,
     rank_units,
@@ -122,8 +119,7 @@ FORMAT_OPTIONS: dict[str, Any] = {
 #: They stay out of the cache key otherwise, so setting them on a plain pass reruns nothing.
 _AUTO_ONLY = ("candidates", "selection")
 _FALLBACK_ONLY = (
-    "max_fp32_nodes", "search", "fallback_order", "sensitivity_samples", "tolerances", "batch_size",
-    "latency_iterations", "runtime",
+    "max_fp32_nodes", "search", "sensitivity_samples", "tolerances", "batch_size", "latency_iterations", "runtime"
 )
 
 #: The option that names what runs the trials of ``calibrate: auto`` and ``quantize: fallback``.
@@ -638,15 +634,11 @@ class Quantize(Pass):
     float graph, on ``sensitivity_samples`` calibration samples; see
     :mod:`accelc.passes.sensitivity`) and, with ``fallback: auto``, keeps the most
     sensitive ``k <= max_fp32_nodes`` of them in float. ``search: greedy`` (default) tries
-    ``k = 1, 2, ...`` and keeps the first that passes, the smallest in search order; ``bisect``
+    ``k = 1, 2, ...`` and keeps the first that passes, the smallest in ranking order; ``bisect``
     needs about ``log2(max_fp32_nodes)`` trials but assumes the metric improves with ``k``, which
     top-1 agreement on a small set of near-tie samples need not do. ``max_fp32_nodes`` counts
     quantized nodes; an activation folded into a node (Clip, Relu) falls back with it and is
-    not counted. ``fallback_order: gain_per_ms`` (the default for runtime ``openvino``) searches
-    the ranked nodes by accuracy per ms instead of by sensitivity alone: each node's float cost
-    is its layer time in the float model minus that in the full INT8 model, from OpenVINO's
-    per-layer counters (:func:`accelc.passes.sensitivity.order_by_gain_per_ms`), so cheap
-    sensitive nodes go to float before expensive ones. Every trial is recorded
+    not counted. Every trial is recorded
     (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, measured
     side by side with the float model), with ``sensitivity`` and ``latency`` (float, full
     INT8 and kept model, p50 ms). The post-check fails the build when no trial met the
@@ -688,12 +680,6 @@ class Quantize(Pass):
                 "enum": ["greedy", "bisect"],
                 "default": "greedy",
                 "description": "How 'auto' searches the count of float nodes.",
-            },
-            "fallback_order": {
-                "enum": ["sensitivity", "gain_per_ms"],
-                "description": "Order in which 'auto' keeps nodes in float: most sensitive first, or most "
-                "accuracy per ms of float cost first (measured with OpenVINO's per-layer counters, so runtime "
-                "openvino only). Unset: 'gain_per_ms' for runtime openvino, else 'sensitivity' (set by lowering).",
             },
             "sensitivity_samples": {
                 "type": "integer",
@@ -757,11 +743,6 @@ class Quantize(Pass):
                 raise PassError(f"quantize.fallback needs the '{slot}' input (add data.validation to the recipe)")
 
         runtime = options.get("runtime", "onnxruntime")
-        if options.get("fallback_order") == "gain_per_ms" and runtime != "openvino":
-            raise PassError(
-                "quantize.fallback_order gain_per_ms measures each node's float cost with OpenVINO's per-layer "
-                f"counters, but the trials run on {runtime}: use fallback_order sensitivity or runtime openvino"
-            )
         evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16), runtime)
         timing: dict[str, float] = {}
         clock = time.perf_counter()
@@ -884,24 +865,14 @@ class Quantize(Pass):
             evaluator,
             ctx.progress,
         )
-        info: dict[str, Any] = {
+        info = {
             "sensitivity_data": {
                 "set": source,
                 "samples": len(float_out),
                 "compared_with": "float ONNX model",
                 "method": "one node quantized at a time",
-            },
-            "fallback_order": options.get("fallback_order", "sensitivity"),
-        }
-        if info["fallback_order"] == "gain_per_ms":
-            ctx.progress("float cost per node: OpenVINO per-layer counters")
-            feeds, threads = _latency_feeds(validation), default_threads()
-            layers = {
-                name: openvino_layer_ms(openvino_convert(path), feeds, threads)
-                for name, path in (("float", inputs["model"].file), ("int8", full))
             }
-            ranking = order_by_gain_per_ms(ranking, float_cost_ms(layers["float"], layers["int8"]))
-            info["island_ms"] = ISLAND_MS
+        }
         return ranking, info
 
     @staticmethod

@@ -218,42 +218,6 @@ def rank_units(
     return rows
 
 
-#: The fixed cost of one float island in OpenVINO, in ms: the layout reorders into and out of a
-#: float layer between INT8 ones. EfficientNet-Lite0's IR with 10 nodes in float spent
-#: 0.16-0.19 ms in 6 such reorders (OpenVINO per-layer counters, 2 threads, batch 1,
-#: benchmarks/README.md), about 0.03 ms each.
-ISLAND_MS = 0.03
-
-
-def order_by_gain_per_ms(
-    ranking: list[dict[str, Any]], float_cost_ms: dict[str, float], island_ms: float = ISLAND_MS
-) -> list[dict[str, Any]]:
-    """The sensitivity ranking reordered for the fallback search by accuracy bought per ms:
-    ``cosine_loss / (cost + island_ms)``, largest first, where ``cost`` is what keeping the
-    unit in float adds to a batch run (``float_cost_ms`` per node name, summed over the unit's
-    nodes; a node not in it costs 0). This is the greedy rule for a knapsack: the unit with
-    the most accuracy per ms first, so that the search reaches the tolerances through the
-    cheap units before the expensive ones (EfficientNet-Lite0 on OpenVINO: the 112x112
-    expansion convolution costs 0.36 ms in float for little accuracy, the first depthwise
-    convolution 0.1-0.25 ms for the most). ``island_ms`` keeps units that cost nothing
-    measurable (fused adds) from jumping ahead of everything on a tiny loss.
-
-    Each returned row is the input row plus ``float_cost_ms``; ``rank`` (the sensitivity
-    rank) is kept, and the list order is the search order. Ties keep the sensitivity order.
-    """
-    rows = [
-        {**r, "float_cost_ms": round(sum(float_cost_ms.get(n, 0.0) for n in r["nodes"]), 4)} for r in ranking
-    ]
-    return sorted(rows, key=lambda r: -r["cosine_loss"] / (r["float_cost_ms"] + island_ms))
-
-
-def float_cost_ms(float_layers: dict[str, float], int8_layers: dict[str, float]) -> dict[str, float]:
-    """Per node, what keeping it in float adds (ms): its layer time in the float model minus that
-    in the full INT8 model, never below 0 (per-layer times from
-    :func:`accelc.runners.openvino_layer_ms`, medians over runs)."""
-    return {n: max(0.0, t - int8_layers.get(n, 0.0)) for n, t in float_layers.items()}
-
-
 def search_fallback(
     ranking: list[dict[str, Any]], max_units: int, trial: Callable[[int], dict[str, Any]], strategy: str = "greedy"
 ) -> dict[str, Any] | None:

@@ -27,13 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from accelc.build import build, plan, prepare
 from accelc.errors import GraphError
 from accelc.passes.quantization import pin_float_nodes
-from accelc.passes.sensitivity import (
-    ISLAND_MS,
-    float_cost_ms,
-    order_by_gain_per_ms,
-    quality_key,
-    search_fallback,
-)
+from accelc.passes.sensitivity import quality_key, search_fallback
 
 MODULE = "accelc_test_sensitive_net"
 MODEL_SOURCE = '''
@@ -291,44 +285,18 @@ def test_bisection_finds_the_smallest_passing_count_when_monotone():
     assert search_fallback([{}] * 10, 2, trial, "bisect") is None and tried == [2]  # the cap fails: stop
 
 
-def test_gain_per_ms_puts_cheap_sensitive_units_before_expensive_ones():
-    ranking = [
-        {"rank": 1, "node": "stem", "nodes": ["stem"], "cosine_loss": 1e-3},
-        {"rank": 2, "node": "expand", "nodes": ["expand", "expand_relu"], "cosine_loss": 6e-4},
-        {"rank": 3, "node": "proj", "nodes": ["proj"], "cosine_loss": 5e-4},
-        {"rank": 4, "node": "add", "nodes": ["add"], "cosine_loss": 1e-6},
-    ]
-    # per-layer ms in the float and the full INT8 model; "add" is fused (no layer of its own)
-    cost = float_cost_ms({"stem": 0.30, "expand": 0.50, "proj": 0.06}, {"stem": 0.10, "expand": 0.10, "proj": 0.07})
-    assert cost == {"stem": pytest.approx(0.2), "expand": pytest.approx(0.4), "proj": 0.0}  # never below 0
-    order = order_by_gain_per_ms(ranking, cost)
-    assert [r["node"] for r in order] == ["proj", "stem", "expand", "add"]
-    assert [r["rank"] for r in order] == [3, 1, 2, 4]  # the sensitivity rank is kept
-    assert order[1]["float_cost_ms"] == pytest.approx(0.2) and order[3]["float_cost_ms"] == 0.0
-    # a free unit with a tiny loss does not jump ahead: the island cost prices it
-    assert order[-1]["cosine_loss"] / ISLAND_MS < order[2]["cosine_loss"] / (0.4 + ISLAND_MS)
-
-
-def test_gain_per_ms_fallback_on_openvino_prices_nodes_and_still_rescues_the_loud_conv(tmp_path):
+def test_openvino_sensitivity_counts_the_rounding_of_a_nodes_output(tmp_path):
+    """On OpenVINO (``float_node_inputs: float``) each probe quantizes one node with the Q/DQ pair on
+    its output, as the built model has it: the loud convolution, whose INT8 output ruins the
+    model, ranks first and is the one node kept in float. (A probe that dropped that pair, its
+    consumers being float in the probe, ranked it last and kept three nodes.)"""
     recipe = write_project(tmp_path, quantize={"fallback": "auto", "max_fp32_nodes": 3, **QUICK}, runtime="openvino")
     outcome = build(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
     assert outcome.ok, outcome.result.failure
     q = stage(outcome.report, "quantize")["metrics"]
-    assert q["runtime"] == "openvino" and q["fallback_order"] == "gain_per_ms"  # the openvino default
-    rows = q["sensitivity"]
-    assert all(r["float_cost_ms"] >= 0 for r in rows)
-    gains = [r["cosine_loss"] / (r["float_cost_ms"] + q["island_ms"]) for r in rows]
-    assert gains == sorted(gains, reverse=True)  # the search order
-    # the loud convolution's loss outweighs any cost: it is still the one node kept in float
-    assert q["fp32_nodes"] == [loud_node(outcome.report, tmp_path / "cache")]
-
-
-def test_gain_per_ms_needs_openvino_to_price_nodes(tmp_path):
-    recipe = write_project(tmp_path, quantize={"fallback": "auto", "fallback_order": "gain_per_ms", **QUICK})
-    outcome = build(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
-    assert not outcome.ok
-    msg = str(outcome.result.failure)
-    assert "fallback_order" in msg and "onnxruntime" in msg and "runtime openvino" in msg
+    loud = loud_node(outcome.report, tmp_path / "cache")
+    assert q["runtime"] == "openvino"
+    assert q["sensitivity"][0]["node"] == loud and q["fp32_nodes"] == [loud]
 
 
 def _float_node_between_qdq(op: str) -> tuple[onnx.ModelProto, list[int]]:
