@@ -40,8 +40,12 @@ from accelc.registry import build_registry
 #: or ``commit:<node id>`` (inside ``Store.commit``, after meta.json is written, before the rename).
 #: Every committed node is appended to ``ACCELC_TEST_LOG``.
 DRIVER = r"""
-import json, os, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
+
+# A shell that starts a job in the background without job control (``cmd &`` in a script) sets
+# SIGINT to "ignore", and Python keeps that; the build must see Ctrl-C as a user's terminal sends it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import accelc.cache as cache
 from accelc.registry import default_registry
