@@ -29,7 +29,6 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +217,11 @@ def pin_float_nodes(model: Any) -> list[str]:
     return [n.name for n, _ in pinned]
 
 
-def unquantize_float_inputs(model: Any, float_model: Any, is_float: Callable[[str], bool]) -> list[str]:
+def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str]) -> list[str]:
     """Remove the QuantizeLinear/DequantizeLinear pairs in front of float nodes.
 
     Every ``DequantizeLinear`` of an activation (its input written by a ``QuantizeLinear``) whose
-    consumers are all float nodes (``is_float(node name)``; a graph output is not one) is
+    consumers are all float nodes (named in ``float_nodes``; a graph output is not one) is
     bypassed: the consumers read the ``QuantizeLinear``'s float input instead. The pair is then
     dropped by :func:`prune_dead_nodes` unless other (quantized) consumers still read the Q.
 
@@ -255,7 +254,7 @@ def unquantize_float_inputs(model: Any, float_model: Any, is_float: Callable[[st
         users = consumers.get(dq.output[0], [])
         if q is None or q.op_type != "QuantizeLinear" or not users or dq.output[0] in outputs:
             continue
-        if not all(is_float(u.name) for u in users):
+        if not all(u.name in float_nodes for u in users):
             continue
         source = q.input[0]
         fp = float_producer.get(source)
@@ -377,8 +376,7 @@ def quantize_model(
         # one node) its consumers are float only because the probe leaves them out; in the built
         # model they read its INT8 output, so the Q/DQ pair on that output stays and its
         # rounding is part of the node's measured sensitivity.
-        excluded = set(exclude)
-        changed = bool(unquantize_float_inputs(q, onnx.load(str(model)), lambda name: name in excluded))
+        changed = bool(unquantize_float_inputs(q, onnx.load(str(model)), set(exclude)))
     if pin_float_nodes(q) or changed:
         onnx.save(q, str(out))
     if opts["bias_correction"]:
