@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.profiling import count_macs, gemm_peaks, profile_variants
 from benchmarks.summary import (
     COST_COLUMNS,
     LABELS,
@@ -58,9 +58,6 @@ from benchmarks.summary import (
     finish_recipe,
     latency_summary,
     margin_stats,
-    op_profile,
-    ort_profile_summary,
-    ov_profile_summary,
     pixel_step_noise,
     render_markdown,
     round_order,
@@ -68,12 +65,11 @@ from benchmarks.summary import (
     throughput_summary,
     to_json,
 )
+from benchmarks.variants import Skip, load_model, make_call, time_block
+from benchmarks.workers import REPO, SUBPROCESS_TIMEOUT_S, run_worker, worker_main
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-RESULT_PREFIX = "BENCH-RESULT "
-#: Wall-clock limit of one subprocess (a cold torch.compile on 2 cores takes minutes).
-SUBPROCESS_TIMEOUT_S = 3600
+
 
 
 @dataclass(frozen=True)
@@ -94,320 +90,6 @@ FULL = Settings()
 QUICK = Settings(rounds=2, iterations=5, throughput_iterations=1, warmup=1, rss_iterations=2, quick=True)
 
 
-class Skip(Exception):
-    """A variant that cannot run here (e.g. no CUDA execution provider); the message says why."""
-
-
-# --- the variants as callables: {input name: array} -> first output as a float32 numpy array -----------
-
-
-class TorchCall:
-    """An ``nn.Module`` (eager or ``torch.compile``d) called under ``torch.inference_mode()``."""
-
-    def __init__(self, model: Any, names: list[str], device: str):
-        self.model, self.names, self.device = model, names, device
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        args = [torch.from_numpy(feeds[n]).to(self.device) for n in self.names]
-        with torch.inference_mode():
-            out = self.model(*args)
-        while isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float().cpu().numpy()
-
-
-def ort_session_options(threads: int) -> Any:
-    """The session options every ONNX Runtime variant gets (the same as accelc's ``OrtRunner``):
-    all graph optimizations (ORT's default), ``threads`` intra-op threads, one inter-op thread."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
-
-
-def ort_providers(device: str) -> list[str]:
-    """Execution providers for ``device``. Raises :class:`Skip` for CUDA without the CUDA EP."""
-    import onnxruntime as ort
-
-    if device != "cuda":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise Skip("the installed onnxruntime has no CUDAExecutionProvider")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-class OrtCall:
-    """An ONNX file in an ``InferenceSession`` with :func:`ort_session_options`."""
-
-    def __init__(self, path: str, threads: int, device: str, profile_prefix: str | None = None):
-        import onnxruntime as ort
-
-        so = ort_session_options(threads)
-        if profile_prefix:
-            so.enable_profiling = True
-            so.profile_file_prefix = profile_prefix
-        self.session = ort.InferenceSession(path, so, providers=ort_providers(device))
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.session.run(None, feeds)[0])
-
-
-class OpenVinoCall:
-    """An ONNX file compiled by OpenVINO's CPU plugin the way a user would: ``compile_model(path,
-    "CPU")`` with only the thread count and the ``LATENCY`` hint set. The inference precision is
-    left at the plugin's default, which on CPUs with bf16 support (AVX512-BF16, AMX) runs float
-    ops in bf16: the quality columns show what that costs. ``precision`` sets
-    ``INFERENCE_PRECISION_HINT`` (profiling an accelc IR at its recorded precision); ``profile``
-    turns on the per-layer counters (``PERF_COUNT``) read by :func:`profile_variants`."""
-
-    def __init__(
-        self, path: str, threads: int, device: str, precision: str | None = None, profile: bool = False
-    ):
-        if device != "cpu":
-            raise Skip("OpenVINO's CPU plugin runs on the CPU only")
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise Skip("the openvino package is not installed") from e
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        if profile:
-            config["PERF_COUNT"] = True
-        compiled = ov.Core().compile_model(path, "CPU", config)
-        self.request = compiled.create_infer_request()
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        self.request.infer(feeds)
-        return np.array(self.request.get_output_tensor(0).data)
-
-
-class AccelcCall:
-    """accelc's artifact through accelc's own runner for its kind (``OrtRunner`` for ONNX)."""
-
-    def __init__(self, artifact: dict[str, Any], threads: int, device: str):
-        from accelc.artifacts import Artifact
-        from accelc.registry import default_registry
-        from accelc.runners import RunnerFactory
-
-        art = Artifact(
-            kind=artifact["kind"],
-            path=Path(artifact["path"]),
-            main=artifact["main"],
-            digest=artifact["digest"],
-            meta=artifact.get("meta", {}),
-        )
-        self.runner = RunnerFactory(default_registry().runners).make(art, device=device, threads=threads)
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.runner.run(feeds)[0], dtype=np.float32)
-
-
-def load_model(recipe: Any) -> Any:
-    """The recipe's source model (eval mode), loaded through its model source, as the build does."""
-    from accelc.registry import default_registry
-
-    reg = default_registry()
-    return reg.model_sources[recipe.model["source"]].load(recipe.model)
-
-
-def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None) -> Callable[..., np.ndarray]:
-    """The callable for ``variant`` from the prepared files named in ``spec``.
-    Raises :class:`Skip` when the variant cannot run here."""
-    device, threads = spec["device"], spec["threads"]
-    if variant in ("eager", "compile"):
-        import torch
-
-        torch.set_num_threads(threads)
-        model = model if model is not None else load_model(recipe)
-        model = model.to(device)
-        if variant == "compile":
-            model = torch.compile(model)
-        return TorchCall(model, recipe.signature.names, device)
-    if variant in ("ort_fp32", "ort_int8_qs"):
-        path = spec.get(variant)
-        if not path:
-            raise Skip(spec.get(f"{variant}_reason", "not prepared"))
-        return OrtCall(path, threads, device)
-    if variant == "ov_fp32":
-        if not spec.get("ort_fp32"):  # the same default export
-            raise Skip(spec.get("ort_fp32_reason", "not prepared"))
-        return OpenVinoCall(spec["ort_fp32"], threads, device)
-    if variant == "accelc":
-        if not spec.get("accelc"):
-            raise Skip(spec.get("accelc_reason", "no artifact"))
-        return AccelcCall(spec["accelc"], threads, device)
-    raise ValueError(f"unknown variant {variant!r}")
-
-
-# --- subprocess workers ------------------------------------------------------------------------------
-
-
-def _emit(result: dict[str, Any]) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def _peak_rss_mib() -> tuple[float, float]:
-    """(this process, largest waited-for child) peak resident set size in MiB.
-
-    This process's peak is ``VmHWM`` from ``/proc/self/status``: the high-water mark of the
-    address space created at exec. ``ru_maxrss`` (the fallback off Linux) can carry the parent's
-    peak across fork + exec, which made every worker report the benchmark process's size.
-    """
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                own = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return own, kids
-
-
-def random_feeds(recipe: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal inputs at ``batch`` for every input of the recipe's signature."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in recipe.signature.inputs:
-        bdim = spec.batch_dim()
-        shape = spec.shape_with(**({bdim.name: batch} if bdim else {}))
-        feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return feeds
-
-
-def worker_serve(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Load ``variant``, run it at batch 1 and then at the larger batch; report its peak RSS (MiB),
-    overall and after each batch size's runs, and the first call's time at each batch (s; for
-    torch.compile that is where compilation happens)."""
-    from accelc.recipe import load_recipe
-    from accelc.registry import default_registry
-
-    recipe = load_recipe(spec["recipe"], default_registry())
-    t0 = time.perf_counter()
-    call = make_call(variant, spec, recipe)
-    load_s = time.perf_counter() - t0
-    first, peaks = {}, {}
-    for bs in (1, spec["batch"]):
-        feeds = random_feeds(recipe, bs)
-        t = time.perf_counter()
-        call(feeds)
-        first[str(bs)] = time.perf_counter() - t
-        for _ in range(spec["rss_iterations"]):
-            call(feeds)
-        peaks[str(bs)] = _peak_rss_mib()[0]
-    own, kids = _peak_rss_mib()
-    return {
-        "peak_rss_mib": own,
-        "peak_rss_mib_after_batch": peaks,
-        "children_peak_rss_mib": kids,
-        "load_s": load_s,
-        "first_call_s": first,
-    }
-
-
-def default_export(model: Any, recipe: Any, path: Path) -> None:
-    """``torch.onnx.export(model, x, path)`` with torch's defaults, plus input/output names and a
-    dynamic axis for every dynamic dimension of the recipe (so the larger batch runs)."""
-    import torch
-
-    args = tuple(torch.from_numpy(a) for a in random_feeds(recipe, recipe.signature.inputs[0].shape[0]).values())
-    dynamic_axes = {s.name: {d.axis: d.name for d in s.dynamic} for s in recipe.signature.inputs if s.dynamic}
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        input_names=recipe.signature.names,
-        output_names=["output"],
-        dynamic_axes=dynamic_axes or None,
-    )
-
-
-class CalibrationReader:
-    """The ``CalibrationDataReader`` a user writes: one sample per ``get_next``, then ``None``."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], names: list[str]):
-        n = len(arrays[names[0]])
-        self._it = iter([{k: arrays[k][i : i + 1] for k in names} for i in range(n)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-
-def worker_export(spec: dict[str, Any]) -> dict[str, Any]:
-    """Load the recipe's model and export it with :func:`default_export` to ``spec["out"]``."""
-    from accelc.recipe import load_recipe
-    from accelc.registry import default_registry
-
-    recipe = load_recipe(spec["recipe"], default_registry())
-    model = load_model(recipe)
-    default_export(model, recipe, Path(spec["out"]))
-    return {"path": spec["out"]}
-
-
-def worker_quantize(spec: dict[str, Any]) -> dict[str, Any]:
-    """``quantize_static(fp32, int8, reader)`` with ORT's defaults, calibrated on the recipe's
-    calibration data (one sample per batch, the recipe's preprocessing)."""
-    from onnxruntime.quantization import quantize_static
-
-    from accelc.recipe import load_recipe
-    from accelc.registry import default_registry
-
-    reg = default_registry()
-    recipe = load_recipe(spec["recipe"], reg)
-    cal_spec = recipe.data["calibration"]
-    cal = reg.data_sources[cal_spec["source"]].load(cal_spec, recipe.signature)
-    quantize_static(spec["fp32"], spec["out"], CalibrationReader(cal, recipe.signature.names))
-    return {"path": spec["out"], "calibration_samples": int(len(cal[recipe.signature.names[0]]))}
-
-
-def run_worker(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
-    """Run this script as a worker subprocess; return its result and its wall time in s.
-    Raises RuntimeError with the worker's last output lines when it fails."""
-    cmd = [sys.executable, "-m", "benchmarks.compare", *args]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
-    wall = time.perf_counter() - t0
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
-            if "error" in result:
-                raise RuntimeError(result["error"])
-            return result, wall
-    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-8:])
-    raise RuntimeError(f"worker {' '.join(args[:3])} exited {p.returncode} without a result:\n{tail}")
-
-
-def worker_main(kind: str, variant: str | None, spec_file: str) -> int:
-    """Entry point of ``--worker``: run one job and print its result as the last stdout line."""
-    spec = json.loads(Path(spec_file).read_text())
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    try:
-        if kind == "serve":
-            result = worker_serve(variant or "", spec)
-        elif kind == "export":
-            result = worker_export(spec)
-        elif kind == "quantize":
-            result = worker_quantize(spec)
-        else:
-            raise ValueError(f"unknown worker {kind!r}")
-    except Skip as e:
-        _emit({"error": f"skipped: {e}"})
-        return 0
-    except Exception as e:  # reported to the parent, which marks the variant failed
-        _emit({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
-        return 1
-    _emit(result)
-    return 0
-
-
-# --- the accelc build ---------------------------------------------------------------------------------
 
 
 def build_accelc(recipe_path: Path, work: Path) -> dict[str, Any]:
@@ -497,16 +179,6 @@ def _empty_variant(name: str) -> dict[str, Any]:
     }
 
 
-def time_block(call: Callable[..., Any], feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> list[float]:
-    """``warmup`` untimed calls, then ``iterations`` calls each timed with ``perf_counter`` (s)."""
-    for _ in range(warmup):
-        call(feeds)
-    times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        call(feeds)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def alternate(
@@ -531,143 +203,6 @@ def alternate(
             tput[name].append(time_block(calls[name], feeds_n, 1, settings.throughput_iterations))
     return lat, tput
 
-
-def count_macs(model: Any, feeds: dict[str, np.ndarray], names: list[str]) -> int:
-    """Multiply-accumulates of one forward pass in ``nn.Conv2d`` and ``nn.Linear`` layers (hooks)."""
-    import torch
-
-    total = 0
-
-    def hook(mod: Any, _inp: Any, out: Any) -> None:
-        nonlocal total
-        if isinstance(mod, torch.nn.Conv2d):
-            kh, kw = mod.kernel_size
-            total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
-        elif isinstance(mod, torch.nn.Linear):
-            total += out.numel() * mod.in_features
-
-    device = next(model.parameters()).device
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.inference_mode():
-            model(*[torch.from_numpy(feeds[n]).to(device) for n in names])
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
-def gemm_peaks(threads: int, repeats: int = 20, size: int = 1024) -> dict[str, float]:
-    """The machine's practical matrix-multiply peaks with ONNX Runtime's kernels at ``threads``:
-    ``int8_gops`` (``MatMulInteger``, u8 x s8, the VNNI path) and ``fp32_gflops`` (``MatMul``),
-    from the fastest of ``repeats`` x 10 calls at ``size``³ (2 operations per MAC). The fastest
-    call is the least disturbed by other processes; on a busy machine it still reads low."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    cases = {
-        "int8_gops": (
-            "MatMulInteger",
-            TensorProto.UINT8,
-            rng.integers(-127, 127, (size, size), dtype=np.int8),
-            TensorProto.INT32,
-            rng.integers(0, 255, (size, size), dtype=np.uint8),
-        ),
-        "fp32_gflops": (
-            "MatMul",
-            TensorProto.FLOAT,
-            rng.standard_normal((size, size), dtype=np.float32),
-            TensorProto.FLOAT,
-            rng.standard_normal((size, size), dtype=np.float32),
-        ),
-    }
-    out = {}
-    for key, (op, a_type, b, y_type, a) in cases.items():
-        graph = helper.make_graph(
-            [helper.make_node(op, ["A", "B"], ["Y"])],
-            "gemm",
-            [helper.make_tensor_value_info("A", a_type, [size, size])],
-            [helper.make_tensor_value_info("Y", y_type, [size, size])],
-            [numpy_helper.from_array(b, "B")],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = 9
-        sess = ort.InferenceSession(
-            model.SerializeToString(), ort_session_options(threads), providers=["CPUExecutionProvider"]
-        )
-        run = sess.run
-        best = min(min(time_block(lambda f, run=run: run(None, f), {"A": a}, 2, 10)) for _ in range(repeats))
-        out[key] = 2.0 * size**3 / best / 1e9
-    return out
-
-
-def profile_variants(
-    calls: dict[str, Callable[..., Any]],
-    spec: dict[str, Any],
-    feeds_1: dict[str, np.ndarray],
-    work: Path,
-    runs: int,
-) -> dict[str, Any]:
-    """Where the batch-1 time goes, per operator type (``benchmarks.summary.op_profile``): ONNX
-    Runtime's node profile for the ONNX variants, OpenVINO's per-layer counters for the OpenVINO
-    ones (``benchmarks.summary.ov_profile_summary``), torch.profiler's top-level operators for
-    eager FP32 (each run inside a ``record_function`` so operators are matched across runs).
-    Times in ms per run; ``kernels_min_ms`` is the noise-robust sum of per-node minimums."""
-    out: dict[str, Any] = {}
-    ov_models: dict[str, tuple[str | None, str | None]] = {"ov_fp32": (spec.get("ort_fp32"), None)}
-    if spec.get("accelc") and spec["accelc"]["kind"] == "openvino.ir":
-        art = spec["accelc"]
-        precision = art.get("meta", {}).get("inference_precision", "f32")
-        ov_models["accelc"] = (str(Path(art["path"]) / art["main"]), precision)
-    for name, (path, precision) in ov_models.items():
-        if not path or name not in calls:
-            continue
-        try:
-            ov_call = OpenVinoCall(path, spec["threads"], spec["device"], precision=precision, profile=True)
-        except Skip:
-            continue
-        ov_call(feeds_1)  # the first, cold, run is left out
-        infos, wall = [], []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            ov_call(feeds_1)
-            wall.append((time.perf_counter() - t0) * 1e3)
-            infos.append(ov_call.request.profiling_info)
-        out[name] = ov_profile_summary(infos, wall)
-    onnx_paths = {"ort_fp32": spec.get("ort_fp32"), "ort_int8_qs": spec.get("ort_int8_qs")}
-    if spec.get("accelc") and spec["accelc"]["kind"].startswith("onnx"):
-        onnx_paths["accelc"] = str(Path(spec["accelc"]["path"]) / spec["accelc"]["main"])
-    for name, path in onnx_paths.items():
-        if not path or name not in calls:
-            continue
-        try:
-            call = OrtCall(path, spec["threads"], spec["device"], profile_prefix=str(work / f"profile-{name}"))
-        except Skip:
-            continue
-        for _ in range(runs + 1):  # the first, cold, run is left out of the summary
-            call(feeds_1)
-        out[name] = ort_profile_summary(json.loads(Path(call.session.end_profiling()).read_text()))
-    if "eager" in calls:
-        import torch
-
-        call = calls["eager"]
-        call(feeds_1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for i in range(runs):
-                with torch.profiler.record_function(f"bench-run-{i}"):
-                    call(feeds_1)
-        per_node: dict[tuple[str, str], list[float]] = {}
-        run_us = []
-        for e in prof.events():
-            if e.name.startswith("bench-run-"):
-                run_us.append(e.cpu_time_total)
-                for k, child in enumerate(e.cpu_children):
-                    per_node.setdefault((child.name, str(k)), []).append(child.cpu_time_total)
-        out["eager"] = op_profile(per_node, runs)
-        out["eager"]["run_ms"] = float(np.mean(run_us)) / 1e3 if run_us else None
-        out["eager"]["overhead_ms"] = None
-    return out
 
 
 def prepare_alternatives(
