@@ -1,7 +1,10 @@
 """Artifacts: files produced by passes, named by kind and identified by a sha256 digest.
 
 An artifact is a directory (a cache entry) holding one primary file (``main``) and
-optionally more. Kinds used by the built-in passes:
+optionally more. Every kind is declared by a plugin as an :class:`ArtifactKind`
+(``accelc_register_artifact_kinds``): how its primary file is checked before a pass's
+output is committed, whether a runner can execute it, and whether it belongs to the
+device that built it. Kinds declared by the built-in plugins:
 
 ==================== ===========================================================
 kind                 primary file
@@ -26,27 +29,15 @@ runtime.config       ``runtime.json``: how the loader rebuilds the runtime (CUDA
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
-
-#: Kinds a runner can execute on sample inputs (so they can be verified and benchmarked).
-RUNNABLE_KINDS: tuple[str, ...] = (
-    "torch.module",
-    "torchscript",
-    "torch.exported",
-    "onnx",
-    "onnx.qdq",
-    "openvino.ir",
-    "trt.engine",
-    "runtime.config",
-)
-#: Kinds that record measurements rather than a deployable model.
-REPORT_KINDS: tuple[str, ...] = ("verification.report", "benchmark.report")
-
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
@@ -97,3 +88,78 @@ class Artifact:
     def file(self) -> Path:
         """Absolute path of the primary file."""
         return self.path / self.main
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """An artifact kind, as a plugin declares it.
+
+    Attributes:
+        name: the kind (``onnx``, ``trt.engine``); pass slots and ``produces`` use it.
+        description: what the primary file is, for ``accelc plugins``.
+        check: ``check(path) -> None | str``: why the file at ``path`` is not a valid primary
+            file of this kind (``None``: it is). Run on every pass output before it is
+            committed; it must not execute or unpickle anything. ``None``: no check.
+        runnable: a runner can execute it (so ``verify``/``benchmark`` accept it and it can be
+            the build's deployable artifact).
+        device_bound: executing it needs the target's device (on a CUDA target ``verify`` and
+            ``benchmark`` then run it with ``device: cuda`` and need the target's GPU).
+        requires: host capabilities needed to *execute* it (added to the nodes that run it).
+        missing_hint: appended to the error when a pass needs this kind and nothing makes it
+            (e.g. ``" (add data.validation to the recipe)"``).
+    """
+
+    name: str
+    description: str = ""
+    check: Callable[[Path], str | None] | None = None
+    runnable: bool = False
+    device_bound: bool = False
+    requires: tuple[str, ...] = ()
+    missing_hint: str = ""
+
+    def problem(self, file: Path) -> str | None:
+        """:attr:`check` of ``file``, with an unreadable file reported rather than raised."""
+        if self.check is None:
+            return None
+        try:
+            return self.check(file)
+        except OSError as e:
+            return f"cannot be read: {e}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def npz_problem(file: Path) -> str | None:
+    """Check of ``.npz`` kinds: a numpy archive (no pickles)."""
+    import numpy as np
+
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                return "is a single .npy array, not an .npz archive"
+    except OSError:
+        raise
+    except Exception as e:
+        return f"is not a numpy .npz archive: {_first_line(e)}"
+    return None
+
+
+def json_problem(file: Path) -> str | None:
+    """Check of JSON kinds: UTF-8 JSON."""
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"is not JSON: {_first_line(e)}"
+    return None
+
+
+def zip_problem(what: str) -> Callable[[Path], str | None]:
+    """Check of zip-container kinds (``torch.save`` and friends); ``what`` names the writers."""
+
+    def check(file: Path) -> str | None:
+        return None if zipfile.is_zipfile(file) else f"is not a {what}"
+
+    return check

@@ -338,25 +338,31 @@ def targets() -> None:
 
 @main.command()
 def plugins() -> None:
-    """List loaded plugins (built-in and from the accelc.plugins entry-point group) with versions."""
+    """List loaded plugins (built-in and from the accelc.plugins entry-point group): version, the hooks
+    each implements and what it registers. ACCELC_PLUGINS / ACCELC_DISABLE_PLUGINS choose them."""
     from .registry import default_registry
 
     reg = default_registry()
     t = Table(title="plugins")
-    for col in ("plugin", "distribution", "passes", "targets", "sources"):
+    for col in ("plugin", "distribution", "hooks", "registers"):
         t.add_column(col, overflow="fold")
+    cats = (
+        ("passes", "passes"),
+        ("targets", "targets"),
+        ("runtimes", "runtimes"),
+        ("kinds", "kinds"),
+        ("capabilities", "capabilities"),
+        ("model_sources", "model sources"),
+        ("data_sources", "data sources"),
+    )
     for name, dist in reg.plugins.items():
-
-        def owned(cat: str, name: str = name) -> str:
-            return ", ".join(sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name))
-
-        t.add_row(
-            name,
-            dist or "(built-in)",
-            owned("passes"),
-            owned("targets"),
-            ", ".join(filter(None, [owned("model_sources"), owned("data_sources")])),
-        )
+        parts = []
+        for cat, label in cats:
+            owned = sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name)
+            if owned:
+                parts.append(f"{label}: {', '.join(owned)}")
+        hooks = ", ".join(h.removeprefix("accelc_") for h in sorted(reg.hooks.get(name, [])))
+        t.add_row(name, dist or "(built-in)", hooks or "-", "; ".join(parts) or "-")
     out.print(t)
 
 

@@ -106,3 +106,10 @@ class PluginError(AccelcError):
     """A plugin failed to load or returned something that breaks the plugin contract."""
 
     exit_code = 2
+
+
+class RuntimeLoadError(AccelcError):
+    """``runtime.json`` is invalid, the model cannot be loaded or captured, or a call does not
+    match a captured shape."""
+
+    exit_code = 4

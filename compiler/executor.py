@@ -11,10 +11,10 @@ checked); its files are re-hashed (and, when corrupt, evicted and rebuilt) only 
 that runs needs them as input, or when it is the final artifact copied to the out dir.
 
 Every pass output is checked before it is committed: the primary file must lie inside the
-staging dir, and its bytes must parse as the declared kind (an ``onnx`` artifact passes
-``onnx.checker``, an ``.npz`` kind is a numpy archive, a JSON kind is JSON, a torch kind a
-torch zip archive), so a plugin that writes the wrong thing is named before anything
-downstream trusts it.
+staging dir, and its bytes must pass the check its kind's plugin declares
+(:class:`accelc.artifacts.ArtifactKind`: an ``onnx`` artifact passes ``onnx.checker``, an
+``.npz`` kind is a numpy archive, a JSON kind is JSON, a torch kind a torch zip archive), so
+a plugin that writes the wrong thing is named before anything downstream trusts it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import os
 import shutil
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,7 +121,7 @@ class Executor:
         self.store = store
         self.host = host
         self.reporter = reporter or SilentReporter()
-        self.runners = RunnerFactory(registry.runners)
+        self.runners = RunnerFactory(registry.runners, registry.runtimes)
         self._verified: dict[str, Artifact] = {}
         self._keys: dict[str, tuple[str, dict[str, Any]]] = {}
         self.compute_keys()
@@ -308,7 +307,8 @@ class Executor:
                 raise PluginError(f"{who} returned main file {main!r}, which is not a relative path inside its workdir")
             if (staging / main).is_symlink() or not (staging / main).is_file():
                 raise PluginError(f"{who} returned main file '{main}', which it did not write")
-            problem = format_problem(node.produces, staging / main)
+            kind = self.registry.kinds.get(node.produces)
+            problem = kind.problem(staging / main) if kind is not None else None
             if problem:
                 raise PluginError(f"{who} declares output kind '{node.produces}', but its {main} {problem}")
             record = {
@@ -364,55 +364,6 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
     if changed_inputs:
         parts.append(f"input changed: {', '.join(changed_inputs)}")
     return "; ".join(parts) or "entry missing from cache"
-
-
-#: Artifact kinds by the container format of their primary file (see :mod:`accelc.artifacts`).
-ONNX_KINDS = ("onnx", "onnx.qdq")
-NPZ_KINDS = ("calibration.data", "validation.data", "reference.outputs")
-JSON_KINDS = ("calibration.table", "verification.report", "benchmark.report", "runtime.config")
-TORCH_ZIP_KINDS = ("torch.module", "torchscript", "torch.exported")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def format_problem(kind: str, file: Path) -> str | None:
-    """Why ``file`` is not a valid primary file of an artifact of ``kind``, or ``None`` when it is
-    (or when accelc knows no format for the kind, e.g. a serialized TensorRT engine).
-
-    ONNX kinds must pass ``onnx.checker.check_model``; ``.npz`` kinds must be numpy archives
-    (no pickles); JSON kinds must parse; torch kinds must be the zip archives ``torch.save``,
-    ``torch.jit.save`` and ``torch.export.save`` write. Nothing is unpickled or executed.
-    """
-    try:
-        if kind in ONNX_KINDS:
-            import onnx
-
-            try:
-                onnx.checker.check_model(str(file))
-            except Exception as e:  # checker.ValidationError, or a DecodeError for non-protobuf bytes
-                return f"fails onnx.checker: {_first_line(e)}"
-        elif kind in NPZ_KINDS:
-            import numpy as np
-
-            try:
-                with np.load(file, allow_pickle=False) as z:
-                    if not hasattr(z, "files"):
-                        return "is a single .npy array, not an .npz archive"
-            except Exception as e:
-                return f"is not a numpy .npz archive: {_first_line(e)}"
-        elif kind in JSON_KINDS:
-            try:
-                json.loads(file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                return f"is not JSON: {_first_line(e)}"
-        elif kind in TORCH_ZIP_KINDS and not zipfile.is_zipfile(file):
-            return "is not a torch zip archive (torch.save / torch.jit.save / torch.export.save)"
-    except OSError as e:
-        return f"cannot be read: {e}"
-    return None
 
 
 def copy_artifact(art: Artifact, out_dir: Path, expected: dict[str, str] | None = None) -> list[str]:

@@ -13,25 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .artifacts import RUNNABLE_KINDS
 from .errors import GraphError
+from .pass_api import RecipeView
 from .recipe import Recipe, apply_defaults, schema_issues
-from .runners import ONNX_RUNTIMES
+from .runners import trial_runtime
 from .targets import TargetProfile
-
-#: Extra host capabilities needed to *execute* an artifact kind (for verify and benchmark).
-KIND_REQUIRES: dict[str, tuple[str, ...]] = {
-    "trt.engine": ("cuda", "tensorrt"),
-    "runtime.config": ("cuda",),
-    "openvino.ir": ("openvino",),
-}
-#: Quantize format options a runtime wants unless the recipe sets them: OpenVINO runs the
-#: producer of a float node's input as an INT8 kernel with a float output when no Q/DQ pair
-#: sits in between (see the quantize option ``float_node_inputs``).
-RUNTIME_QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"float_node_inputs": "float"}}
-#: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
-#: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
-DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")
 
 
 @dataclass
@@ -87,6 +73,12 @@ def _unique_id(base: str, taken: set[str]) -> str:
 def lower(recipe: Recipe, registry: Any) -> PassGraph:
     """Build and check the pass graph for ``recipe`` on its target.
 
+    Each step's options are the runtime's defaults for its pass (``Runtime.pass_defaults``), then
+    the step's own, then whatever the pass adds from the recipe in :meth:`Pass.configure`; they
+    are validated against the pass's schema once, after that. Lowering itself never looks at a
+    pass's name: it inserts ``verify`` after the verified stages and a final ``benchmark``, and
+    wires slots by artifact kind.
+
     Raises:
         GraphError: the target cannot build this runtime/precision, a pipeline names an
             unknown pass or gives it invalid options, or a pass's input kind is produced
@@ -100,8 +92,12 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         raise GraphError(str(e.args[0])) from e
     steps = list(recipe.passes) if recipe.passes is not None else list(pipeline.steps)
     step_names = [s.name for s in steps]
+    kinds = registry.kinds
+    rt = registry.runtimes.get(runtime)
+    runtime_defaults = rt.pass_defaults if rt is not None else {}
 
     verify_cfg = recipe.verify
+    verify_batch = verify_cfg.get("batch_size", 16)
     explicit_verify = "verify" in step_names
     if verify_cfg.get("after") is not None:
         verify_after = list(verify_cfg["after"])
@@ -112,6 +108,14 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         verify_after = [v for v in pipeline.verify_after if v in step_names]
     if not verify_cfg.get("enabled", True) or explicit_verify or "validation" not in recipe.data:
         verify_after = []
+    tolerances = dict(verify_cfg.get("tolerances", {}))
+    stage_tol = verify_cfg.get("stages", {})
+    stage_tolerances = {s: {**tolerances, **stage_tol.get(s, {})} for s in verify_after}
+
+    def full_options(pass_name: str, options: dict[str, Any]) -> dict[str, Any]:
+        p = registry.passes.get(pass_name)
+        merged = {**runtime_defaults.get(pass_name, {}), **options}
+        return apply_defaults(p.options_schema, merged) if p is not None else merged
 
     nodes: list[Node] = []
     taken: set[str] = set()
@@ -134,29 +138,27 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         for slot in p.inputs:
             if slot.optional and wanted is not None and slot.name not in wanted:
                 continue
-            producers = [n for n in nodes if n.produces in slot.kinds]
+            producers = [n for n in nodes if slot.accepts(n.produces, kinds)]
             if not producers:
                 if slot.optional and wanted is None:
                     continue
-                hint = {
-                    "calibration.data": " (add data.calibration to the recipe)",
-                    "validation.data": " (add data.validation to the recipe)",
-                    "reference.outputs": " (add data.validation to the recipe)",
-                }.get(slot.kinds[0], "")
+                first = slot.kinds[0] if slot.kinds else ""
+                hint = kinds[first].missing_hint if first in kinds else ""
+                accepted = " or ".join(slot.kinds) if slot.kinds else "any runnable kind"
                 raise GraphError(
-                    f"pass '{pass_name}' needs input '{slot.name}' of kind {' or '.join(slot.kinds)}, "
+                    f"pass '{pass_name}' needs input '{slot.name}' of kind {accepted}, "
                     f"but no earlier pass produces one{hint}"
                 )
             src = producers[0] if slot.source else producers[-1]
             wired[slot.name] = src.id
-            for cap in KIND_REQUIRES.get(src.produces, ()):
-                if cap not in requires and pass_name in ("verify", "benchmark", "cuda_graph"):
-                    requires.append(cap)
-            on_gpu = target.device == "cuda" and src.produces in DEVICE_KINDS and "device" not in options
-            if pass_name in ("verify", "benchmark") and slot.name == "artifact" and on_gpu:
-                opts["device"] = "cuda"
-                if "cuda" not in requires:
-                    requires.append("cuda")
+            kind = kinds.get(src.produces)
+            if slot.runs and kind is not None:
+                requires += [c for c in kind.requires if c not in requires]
+                device_option = "device" in p.options_schema.get("properties", {})
+                if kind.device_bound and target.device == "cuda" and device_option and "device" not in options:
+                    opts["device"] = "cuda"
+                    if "cuda" not in requires:
+                        requires.append("cuda")
         if "cuda" in requires:  # a node on the GPU needs the target's GPU (an engine belongs to its device)
             requires += [c for c in target.capabilities if c not in requires]
         nid = _unique_id(node_id or pass_name, taken)
@@ -171,107 +173,40 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
             spec = {"role": role, "spec": recipe.data[role]}
             add("load_data", spec, node_id=f"load_data[{role}]", where=f"data.{role}")
     if "validation" in recipe.data:
-        add("reference", {"batch_size": verify_cfg.get("batch_size", 16)})
+        add("reference", {"batch_size": verify_batch})
 
-    tolerances = dict(verify_cfg.get("tolerances", {}))
-    stage_tol = verify_cfg.get("stages", {})
+    benchmark = {k: v for k, v in recipe.benchmark.items() if k != "enabled"}
     for i, step in enumerate(steps):
         where = f"passes[{i}].{step.name}" if recipe.passes is not None else f"target {target.name} pipeline"
-        opts = dict(step.options)
-        if step.name == "verify":
-            opts.setdefault("tolerances", tolerances)
-        if step.name in ("calibrate", "quantize"):
-            opts = _accuracy_options(step.name, opts, steps[i + 1 :], verify_after, tolerances, stage_tol,
-                                     verify_cfg.get("batch_size", 16), registry, where, runtime)
-        if step.name == "benchmark":
-            opts = {**recipe.benchmark, **opts}
-            opts.pop("enabled", None)
-        if step.name == "cuda_graph" and "batch_sizes" not in opts:
-            opts["batch_sizes"] = _graph_batch_sizes(recipe)
+        p = registry.passes.get(step.name)
+        opts = {**runtime_defaults.get(step.name, {}), **step.options}
+        if p is not None:
+            view = RecipeView(
+                runtime=runtime,
+                trial_runtime=trial_runtime(registry.runtimes, runtime),
+                device=target.device,
+                tolerances=tolerances,
+                verify_batch_size=verify_batch,
+                benchmark=benchmark,
+                signature=recipe.signature,
+                later=tuple(steps[i + 1 :]),
+                verified=tuple(verify_after),
+                stage_tolerances_of=stage_tolerances,
+                full_options=full_options,
+            )
+            opts = p.configure(opts, view, where)
         node = add(step.name, opts, where=where)
         if step.name in verify_after:
-            tol = {**tolerances, **stage_tol.get(step.name, {})}
-            vopts = {"tolerances": tol, "batch_size": verify_cfg.get("batch_size", 16)}
+            vopts = {"tolerances": stage_tolerances[step.name], "batch_size": verify_batch}
             add("verify", vopts, node_id=f"verify[{node.id}]")
 
     if recipe.benchmark.get("enabled", True) and "benchmark" not in step_names:
-        opts = {k: v for k, v in recipe.benchmark.items() if k != "enabled"}
-        add("benchmark", opts, where="benchmark")
+        add("benchmark", benchmark, where="benchmark")
 
-    finals = [n for n in nodes if n.final and n.produces in RUNNABLE_KINDS]
+    finals = [n for n in nodes if n.final and n.produces in kinds and kinds[n.produces].runnable]
     if not finals:
         raise GraphError("the pipeline produces no deployable artifact")
     return PassGraph(recipe, target, runtime, nodes, finals[-1].id)
-
-
-def _graph_batch_sizes(recipe: Recipe) -> list[int]:
-    """The batch sizes ``cuda_graph`` captures by default: the example batch and the benchmark's
-    batch sizes that fit the dynamic batch range (a static batch: the example batch only)."""
-    spec = recipe.signature.inputs[0]
-    d = spec.batch_dim()
-    if d is None:
-        return [spec.shape[0]]
-    wanted = [spec.shape[0], *recipe.benchmark.get("batch_sizes", [])]
-    return sorted({b for b in wanted if d.min <= b <= d.max})
-
-
-def _accuracy_options(name: str, opts: dict[str, Any], later: list[Any], verify_after: list[str],
-                      tolerances: dict[str, Any], stage_tol: dict[str, Any], batch_size: int, registry: Any,
-                      where: str, runtime: str = "onnxruntime") -> dict[str, Any]:
-    """Options of the accuracy-aware INT8 passes that come from the rest of the recipe.
-
-    * ``quantize`` with ``fallback`` set (``auto`` or ``off``) gets the quantize stage's tolerances
-      (those of the first verified stage from quantize on: ``openvino_ir`` when the QDQ model is
-      verified only as the runtime's IR) and the verify batch size, so it can check itself and, with
-      ``auto``, search the nodes to keep in float. The tolerances stay in its cache key: they
-      decide which nodes are excluded. Without ``fallback`` nothing is added: verify alone checks
-      the stage.
-    * ``calibrate`` with ``method: auto`` gets ``selection``: the format options of the next
-      ``quantize`` step (to quantize each trial like the build will) and that stage's tolerances.
-    * ``quantize`` (and so calibrate's ``selection.quantize``) gets the format defaults of
-      :data:`RUNTIME_QUANTIZE_DEFAULTS` for the recipe's runtime where the recipe left them unset.
-    * Both get ``runtime``: the recipe's runtime when it runs ONNX files itself
-      (:data:`accelc.runners.ONNX_RUNTIMES`, e.g. ``openvino``), so the trials are scored on
-      what deploys them; ONNX Runtime otherwise (a TensorRT build scores its QDQ graph there).
-    """
-    trial_runtime = runtime if runtime in ONNX_RUNTIMES else "onnxruntime"
-
-    def stage_tolerances(step: str) -> dict[str, Any]:
-        # the first verified stage from ``step`` on: ``step`` itself, or the stage that puts its
-        # output in the runtime's own format (openvino_ir after quantize)
-        for s in [step, *(s.name for s in later)]:
-            if s in verify_after:
-                return {**tolerances, **stage_tol.get(s, {})}
-        return {}
-
-    if name == "quantize":
-        opts = {**RUNTIME_QUANTIZE_DEFAULTS.get(runtime, {}), **opts}
-        if not opts.get("fallback"):
-            return opts  # plain quantization: verify alone checks it, and a tolerance change reruns nothing
-        tol = stage_tolerances("quantize")
-        if tol:
-            opts.setdefault("tolerances", tol)
-            opts.setdefault("batch_size", batch_size)
-        elif not opts.get("tolerances"):
-            raise GraphError(
-                f"{where}: quantize.fallback '{opts['fallback']}' needs the quantize stage's tolerances, but that "
-                "stage is not verified (add data.validation, keep 'quantize' in verify.after, set verify.tolerances)"
-            )
-        opts.setdefault("runtime", trial_runtime)
-        return opts
-    if opts.get("method") != "auto":
-        return opts
-    q = next((s for s in later if s.name == "quantize"), None)
-    qpass = registry.passes.get("quantize")
-    cpass = registry.passes.get("calibrate")
-    fmt: dict[str, Any] = {}
-    if q is not None and qpass is not None and cpass is not None:
-        allowed = cpass.options_schema["properties"]["selection"]["properties"]["quantize"]["properties"]
-        full = apply_defaults(qpass.options_schema, {**RUNTIME_QUANTIZE_DEFAULTS.get(runtime, {}), **q.options})
-        fmt = {k: v for k, v in full.items() if k in allowed}
-    selection = {"quantize": fmt, "tolerances": stage_tolerances("quantize") or dict(tolerances),
-                 "batch_size": batch_size, "runtime": trial_runtime, **opts.get("selection", {})}
-    return {**opts, "selection": selection}
 
 
 def unmet(graph: PassGraph, host: Any) -> dict[str, list[tuple[str, str]]]:

@@ -1,13 +1,11 @@
 """Host capabilities: what this machine can run, probed lazily.
 
-Capability strings, as passes and targets declare them:
-
-* ``cpu``, ``x86_64``, ``avx512_vnni``, ``avx2``: CPU facts from ``/proc/cpuinfo``;
-* ``onnxruntime``: the ``onnxruntime`` package is importable;
-* ``openvino``: the ``openvino`` package is importable;
-* ``cuda``: torch sees a CUDA device;
-* ``tensorrt``: the ``tensorrt`` Python package is importable;
-* ``sm>=75`` (any comparison ``>= > == <= <``): the CUDA device's compute capability, as major*10+minor.
+Capability strings, as passes, artifact kinds and targets declare them: ``NAME`` or
+``NAME OP NUMBER`` (``sm>=75``; ``>= > == <= <``). Each NAME is answered by a probe a
+plugin registers through ``accelc_register_host_capabilities``; the built-in plugins
+register ``cpu``, ``x86_64``, ``avx2``/``avx512f``/``avx512_vnni``/``avx_vnni`` (from
+``/proc/cpuinfo``), ``onnxruntime``, ``openvino``, ``tensorrt`` (the package is installed),
+``cuda`` (torch sees a CUDA device) and ``sm`` (its compute capability, major*10+minor).
 
 Probing ``cuda`` imports torch (about a second), so it is done only when a plan
 contains a pass or target that asks for it.
@@ -19,6 +17,7 @@ import importlib.util
 import os
 import platform
 import re
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -34,12 +33,42 @@ def parse_capability(text: str) -> tuple[str, str | None, int | None]:
     return m.group("name"), m.group("op"), int(v) if v is not None else None
 
 
-class Host:
-    """Facts about this machine. ``check(cap)`` returns ``(ok, detail)``."""
+#: ``probe(host, op, value) -> (ok, detail)`` for a capability ``NAME [op value]`` (``op`` and
+#: ``value`` are ``None`` for a bare name); ``detail`` says what was found.
+Probe = Callable[["Host", "str | None", "int | None"], tuple[bool, str]]
 
-    def __init__(self, overrides: dict[str, Any] | None = None):
-        # overrides let tests describe another host (e.g. one with a T4) without hardware.
+
+class Host:
+    """Facts about this machine. ``check(cap)`` returns ``(ok, detail)``.
+
+    Args:
+        overrides: describe another host without its hardware (tests): a bool answers that
+            capability outright; any other value replaces the fact of that name that probes
+            read through :meth:`fact` (``{"cuda": {"name": "Tesla T4", "sm": 75, "count": 1},
+            "tensorrt": "10.13.3.9"}``, ``{"cuda": None}`` for no GPU).
+        probes: ``{name: probe}``; default: the registry's (every plugin's) probes.
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None, probes: dict[str, Probe] | None = None):
         self._overrides = overrides or {}
+        self._probes = probes
+        self._facts: dict[str, Any] = {}
+
+    @property
+    def probes(self) -> dict[str, Probe]:
+        if self._probes is None:
+            from .registry import default_registry
+
+            self._probes = default_registry().capabilities
+        return self._probes
+
+    def fact(self, name: str, compute: Callable[[], Any]) -> Any:
+        """A cached fact about this host (``compute()`` once), or its override."""
+        if name in self._overrides:
+            return self._overrides[name]
+        if name not in self._facts:
+            self._facts[name] = compute()
+        return self._facts[name]
 
     @cached_property
     def cpu_flags(self) -> set[str]:
@@ -89,49 +118,16 @@ class Host:
             "count": torch.cuda.device_count(),
         }
 
-    @cached_property
-    def tensorrt_version(self) -> str | None:
-        if "tensorrt" in self._overrides:
-            return self._overrides["tensorrt"]
-        if importlib.util.find_spec("tensorrt") is None:
-            return None
-        from importlib.metadata import PackageNotFoundError, version
-
-        for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12"):
-            try:
-                return version(dist)
-            except PackageNotFoundError:
-                continue
-        return "unknown"
-
     def check(self, capability: str) -> tuple[bool, str]:
-        """Whether this host has ``capability``; the detail says what was found."""
+        """Whether this host has ``capability``; the detail says what was found (or that no plugin
+        probes that name). Raises ``ValueError`` on bad syntax."""
         name, op, value = parse_capability(capability)
-        if name in self._overrides and name not in ("cuda", "tensorrt"):
-            ok = bool(self._overrides[name])
-            return ok, "override"
-        if name == "cpu":
-            return True, platform.machine()
-        if name == "x86_64":
-            return platform.machine() in ("x86_64", "AMD64"), platform.machine()
-        if name in ("avx512_vnni", "avx2", "avx512f", "avx_vnni"):
-            return name in self.cpu_flags, self.cpu_model
-        if name in ("onnxruntime", "openvino"):
-            ok = importlib.util.find_spec(name) is not None
-            return ok, "installed" if ok else f"package {name} not installed"
-        if name == "cuda":
-            c = self.cuda
-            return (c is not None), (c["name"] if c else "no CUDA device visible to torch")
-        if name == "tensorrt":
-            v = self.tensorrt_version
-            return (v is not None), (f"TensorRT {v}" if v else "Python package tensorrt not installed")
-        if name == "sm":
-            c = self.cuda
-            if c is None:
-                return False, "no CUDA device"
-            ok = _compare(c["sm"], op, value)
-            return ok, f"{c['name']} is sm_{c['sm']}"
-        return False, f"unknown capability '{name}'"
+        if isinstance(self._overrides.get(name), bool):
+            return self._overrides[name], "override"
+        probe = self.probes.get(name)
+        if probe is None:
+            return False, f"unknown capability '{name}'"
+        return probe(self, op, value)
 
     def missing(self, capabilities: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
         """The capabilities not met, each with the detail of what was found."""
@@ -157,7 +153,7 @@ class Host:
         return d
 
 
-def _compare(actual: int, op: str | None, value: int | None) -> bool:
+def compare(actual: int, op: str | None, value: int | None) -> bool:
     if op is None or value is None:
         return True
     return {
@@ -167,3 +163,49 @@ def _compare(actual: int, op: str | None, value: int | None) -> bool:
         "<=": actual <= value,
         "<": actual < value,
     }[op]
+
+
+def package_probe(package: str) -> Probe:
+    """A probe for "the Python package ``package`` is importable" (found without importing it)."""
+
+    def probe(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+        ok = importlib.util.find_spec(package) is not None
+        return ok, "installed" if ok else f"package {package} not installed"
+
+    return probe
+
+
+def cpu_probes() -> dict[str, Probe]:
+    """The CPU capabilities: ``cpu`` (always), ``x86_64``, and the ISA flags accelc's targets name."""
+
+    def machine(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+        return True, platform.machine()
+
+    def x86(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+        return platform.machine() in ("x86_64", "AMD64"), platform.machine()
+
+    def flag(name: str) -> Probe:
+        def probe(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+            return name in host.cpu_flags, host.cpu_model
+
+        return probe
+
+    out: dict[str, Probe] = {"cpu": machine, "x86_64": x86}
+    out.update({f: flag(f) for f in ("avx512_vnni", "avx2", "avx512f", "avx_vnni")})
+    return out
+
+
+def cuda_probes() -> dict[str, Probe]:
+    """``cuda`` (torch sees a CUDA device) and ``sm`` (its compute capability, major*10+minor)."""
+
+    def cuda(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+        c = host.cuda
+        return (c is not None), (c["name"] if c else "no CUDA device visible to torch")
+
+    def sm(host: Host, op: str | None, value: int | None) -> tuple[bool, str]:
+        c = host.cuda
+        if c is None:
+            return False, "no CUDA device"
+        return compare(c["sm"], op, value), f"{c['name']} is sm_{c['sm']}"
+
+    return {"cuda": cuda, "sm": sm}

@@ -28,14 +28,71 @@ class Slot:
     """A named input of a pass and the artifact kinds it accepts.
 
     Lowering wires each slot to the most recent upstream node whose output kind is
-    in ``kinds``; ``source=True`` wires it to the *first* such node instead (used
-    by ``reference``, which must see the unmodified source model).
+    in ``kinds`` (or, with ``runnable=True``, any kind a plugin declared runnable);
+    ``source=True`` wires it to the *first* such node instead (used by ``reference``,
+    which must see the unmodified source model). ``runs=True`` says the pass executes
+    this input, so its node needs what executing the wired kind needs (the kind's
+    ``requires``; on a CUDA target the device, for a device-bound kind).
     """
 
     name: str
-    kinds: tuple[str, ...]
+    kinds: tuple[str, ...] = ()
     source: bool = False
     optional: bool = False
+    runnable: bool = False
+    runs: bool = False
+
+    def accepts(self, kind: str, kinds: dict[str, Any]) -> bool:
+        """Whether an artifact of ``kind`` may be wired here (``kinds``: the registry's artifact kinds)."""
+        if kind in self.kinds:
+            return True
+        return self.runnable and kind in kinds and kinds[kind].runnable
+
+
+@dataclass(frozen=True)
+class RecipeView:
+    """What a pass may read of the recipe while it is lowered (:meth:`Pass.configure`).
+
+    Attributes:
+        runtime: the recipe's runtime (the target's default when the recipe names none).
+        trial_runtime: the runtime trials run on: ``runtime`` when it has a session factory,
+            else ``onnxruntime`` (:func:`accelc.runners.trial_runtime`).
+        device: the target's device (``cpu``, ``cuda``).
+        tolerances: the recipe's ``verify.tolerances`` (``{tolerance name: bound}``).
+        verify_batch_size: ``verify.batch_size``.
+        benchmark: the recipe's ``benchmark`` settings, ``enabled`` left out.
+        signature: the input signature.
+        later: the pipeline steps after the one being lowered (:class:`accelc.targets.PassStep`).
+        verified: the step names after which ``verify`` runs.
+        stage_tolerances_of: ``{step name: tolerances}`` of every verified stage.
+        full_options: ``full_options(pass name, options)``: ``options`` with the runtime's
+            defaults for that pass and the pass's schema defaults filled in.
+    """
+
+    runtime: str
+    trial_runtime: str
+    device: str
+    tolerances: dict[str, float]
+    verify_batch_size: int
+    benchmark: dict[str, Any]
+    signature: InputSignature
+    later: tuple[Any, ...]
+    verified: tuple[str, ...]
+    stage_tolerances_of: dict[str, dict[str, float]]
+    full_options: Callable[[str, dict[str, Any]], dict[str, Any]]
+
+    def stage_tolerances(self, step: str) -> dict[str, float]:
+        """Tolerances of the first verified stage from ``step`` on: ``step`` itself, or the later
+        step that puts its output in the runtime's own format (``openvino_ir`` after
+        ``quantize``). Empty when no stage from ``step`` on is verified."""
+        for s in [step, *(s.name for s in self.later)]:
+            if s in self.verified:
+                return dict(self.stage_tolerances_of[s])
+        return {}
+
+    def next_step(self, name: str) -> Any | None:
+        """The first later step running pass ``name`` (a :class:`accelc.targets.PassStep`), or ``None``."""
+        return next((s for s in self.later if s.name == name), None)
 
 
 @dataclass
@@ -102,6 +159,17 @@ class Pass:
     key_ignores: ClassVar[tuple[str, ...]] = ()
     final: ClassVar[bool] = True
     description: ClassVar[str] = ""
+
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """The options of this invocation given the rest of the recipe, called by lowering before
+        the options are validated against :attr:`options_schema` (once, after this returns).
+
+        ``options`` are the step's own (the runtime's defaults for this pass already merged in);
+        ``recipe`` is all a pass may read of the recipe; ``where`` names the step for errors.
+        Default: ``options`` unchanged. Raise :class:`accelc.errors.GraphError` naming ``where``
+        when the recipe cannot give the pass what it needs.
+        """
+        return options
 
     def output_kind(self, options: dict[str, Any]) -> str:
         """The artifact kind this invocation produces (``produces`` unless it depends on options)."""

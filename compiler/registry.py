@@ -1,4 +1,5 @@
-"""The registry: every pass, target, model source, data source and runner, with the plugin that provided it.
+"""The registry: every pass, target, runtime, artifact kind, host capability, model source, data source
+and runner, with the plugin that provided it.
 
 Built by calling each hook implementation separately, so that a plugin whose hook raises
 or returns the wrong thing is named in the error.
@@ -13,8 +14,10 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from .artifacts import ArtifactKind
 from .errors import PluginError
 from .pass_api import Pass
+from .runners import Runtime
 from .sources import DataSource, ModelSource
 from .targets import TargetProfile
 
@@ -28,18 +31,60 @@ class Registry:
     model_sources: dict[str, ModelSource] = field(default_factory=dict)
     data_sources: dict[str, DataSource] = field(default_factory=dict)
     runners: dict[str, Any] = field(default_factory=dict)
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    kinds: dict[str, ArtifactKind] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
     origin: dict[tuple[str, str], str] = field(default_factory=dict)
     plugins: dict[str, str | None] = field(default_factory=dict)
+    #: plugin name -> the hooks it implements
+    hooks: dict[str, list[str]] = field(default_factory=dict)
+    pm: Any = None
+
+    def report_sections(self, report: dict[str, Any], stages: list[Any]) -> dict[str, Any]:
+        """Every plugin's ``accelc_report_sections`` for this report, merged.
+
+        Raises:
+            PluginError: a plugin's hook raised or returned something other than a dict, or two
+                plugins returned the same section name.
+        """
+        out: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        if self.pm is None:
+            return out
+        for impl in self.pm.hook.accelc_report_sections.get_hookimpls():
+            plugin = impl.plugin_name
+            try:
+                value = impl.function(report=report, stages=stages)
+            except Exception as e:
+                raise PluginError(
+                    f"plugin '{plugin}': hook accelc_report_sections raised {type(e).__name__}: {e}"
+                ) from e
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise PluginError(f"plugin '{plugin}': accelc_report_sections must return a dict, got {value!r}")
+            for name, section in value.items():
+                if name in owner:
+                    raise PluginError(
+                        f"report section '{name}' is returned by both plugin '{owner[name]}' and plugin '{plugin}'"
+                    )
+                owner[name] = plugin
+                out[name] = section
+        return out
 
     def plugin_of(self, category: str, name: str) -> str:
         return self.origin.get((category, name), "?")
+
+
+_SINGULAR = {"passes": "pass", "capabilities": "host capability", "kinds": "artifact kind"}
 
 
 def _add(reg: Registry, category: str, table: dict[str, Any], name: str, obj: Any, plugin: str) -> None:
     if name in table:
         other = reg.origin[(category, name)]
         raise PluginError(
-            f"{category[:-1]} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'"
+            f"{_SINGULAR.get(category, category[:-1])} '{name}' is registered by both plugin '{other}' "
+            f"and plugin '{plugin}'"
         )
     table[name] = obj
     reg.origin[(category, name)] = plugin
@@ -68,11 +113,15 @@ def build_registry(pm: Any) -> Registry:
         PluginError: naming the plugin whose hook raised, returned the wrong type, or
             registered a name another plugin already uses.
     """
-    reg = Registry()
+    reg = Registry(pm=pm)
     for plugin, dist in pm.list_plugin_distinfo():
         reg.plugins[pm.get_name(plugin)] = f"{dist.project_name} {dist.version}"
     for plugin in pm.get_plugins():
         reg.plugins.setdefault(pm.get_name(plugin), None)
+    for hook_name in dir(pm.hook):
+        if hook_name.startswith("accelc_"):
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                reg.hooks.setdefault(impl.plugin_name, []).append(hook_name)
 
     def results(hook_name: str) -> list[tuple[str, Any]]:
         out = []
@@ -81,9 +130,7 @@ def build_registry(pm: Any) -> Registry:
             try:
                 value = impl.function()
             except Exception as e:
-                raise PluginError(
-                    f"plugin '{plugin}': hook {hook_name} raised {type(e).__name__}: {e}"
-                ) from e
+                raise PluginError(f"plugin '{plugin}': hook {hook_name} raised {type(e).__name__}: {e}") from e
             if value is not None:
                 out.append((plugin, value))
         return out
@@ -95,9 +142,7 @@ def build_registry(pm: Any) -> Registry:
     for plugin, items in results("accelc_register_targets"):
         for t in items:
             if not isinstance(t, TargetProfile):
-                raise PluginError(
-                    f"plugin '{plugin}': accelc_register_targets returned {t!r}, not a TargetProfile"
-                )
+                raise PluginError(f"plugin '{plugin}': accelc_register_targets returned {t!r}, not a TargetProfile")
             _add(reg, "targets", reg.targets, t.name, t, plugin)
     for hook, table, base, cat in (
         ("accelc_register_model_sources", reg.model_sources, ModelSource, "model_sources"),
@@ -111,11 +156,31 @@ def build_registry(pm: Any) -> Registry:
                 _add(reg, cat, table, inst.name, inst, plugin)
     for plugin, mapping in results("accelc_register_runners"):
         if not isinstance(mapping, dict):
-            raise PluginError(
-                f"plugin '{plugin}': accelc_register_runners must return a dict, got {mapping!r}"
-            )
+            raise PluginError(f"plugin '{plugin}': accelc_register_runners must return a dict, got {mapping!r}")
         for kind, factory in mapping.items():
             _add(reg, "runners", reg.runners, kind, factory, plugin)
+    for plugin, items in results("accelc_register_runtimes"):
+        for rt in items:
+            if not isinstance(rt, Runtime):
+                raise PluginError(f"plugin '{plugin}': accelc_register_runtimes returned {rt!r}, not a Runtime")
+            _add(reg, "runtimes", reg.runtimes, rt.name, rt, plugin)
+            if rt.runner is not None:
+                for kind in rt.kinds:
+                    _add(reg, "runners", reg.runners, kind, rt.runner, plugin)
+    for plugin, items in results("accelc_register_artifact_kinds"):
+        for k in items:
+            if not isinstance(k, ArtifactKind):
+                raise PluginError(
+                    f"plugin '{plugin}': accelc_register_artifact_kinds returned {k!r}, not an ArtifactKind"
+                )
+            _add(reg, "kinds", reg.kinds, k.name, k, plugin)
+    for plugin, mapping in results("accelc_register_host_capabilities"):
+        if not isinstance(mapping, dict) or not all(callable(v) for v in mapping.values()):
+            raise PluginError(
+                f"plugin '{plugin}': accelc_register_host_capabilities must return {{name: probe}}, got {mapping!r}"
+            )
+        for name, probe in mapping.items():
+            _add(reg, "capabilities", reg.capabilities, name, probe, plugin)
     return reg
 
 

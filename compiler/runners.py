@@ -1,16 +1,20 @@
-"""Runners execute any runnable artifact on numpy inputs, so every stage is verified and
-benchmarked the same way.
+"""Runners and sessions as protocols, and the factory that finds them through the registry.
 
-A runner maps ``{input name: ndarray}`` to a list of output arrays (float32 numpy on the
-host). Factories register per artifact kind through ``accelc_register_runners``.
+A **runner** executes one runnable artifact on numpy inputs (``verify``, ``benchmark`` and
+``reference`` use them), so every stage is verified and benchmarked the same way. A
+**session** runs an ONNX file (or its bytes) for trials: calibrate's method search,
+quantize's sensitivity analysis and fallback search, and bias correction. Both come from a
+:class:`Runtime`, which a plugin registers through ``accelc_register_runtimes``; the core
+names no runtime and imports none.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,13 +31,71 @@ class Runner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-class RunnerFactory:
-    """``make(artifact, device=..., threads=...)`` using the registered factory for the artifact's kind."""
+class Session(Protocol):
+    """An ONNX model loaded for trials. ``input_names`` in model order; ``input_shapes`` one list per
+    input, each axis an int (static) or anything else (dynamic: ``None`` or the axis name);
+    ``run(feeds)`` returns every output as a host array, in model order."""
 
-    def __init__(self, factories: dict[str, Any]):
+    input_names: list[str]
+    input_shapes: list[list[Any]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+#: ``runner(artifact, device="cpu" | "cuda", threads=int | None) -> Runner``
+RunnerFactoryFn = Callable[..., Runner]
+#: ``session(model: path | bytes, threads=int | None) -> Session``
+SessionFactoryFn = Callable[..., Session]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime a target deploys with (``recipe.runtime``), registered by a plugin.
+
+    Attributes:
+        name: the name recipes and targets use (``onnxruntime``, ``openvino``, ``tensorrt``).
+        description: one line for ``accelc plugins``.
+        kinds: artifact kinds :attr:`runner` executes (``verify``/``benchmark`` pick the runner by kind).
+        runner: ``runner(artifact, device=..., threads=...)`` -> :class:`Runner`; ``None``: runs no artifact.
+        session: ``session(model, threads=...)`` -> :class:`Session` for an ONNX file (path or
+            bytes); ``None`` when the runtime does not run ONNX files itself (trials then run on
+            ``onnxruntime``, e.g. a TensorRT build scores its QDQ graph there).
+        pass_defaults: ``{pass name: options}`` the runtime wants unless the recipe sets them
+            (OpenVINO: ``{"quantize": {"float_node_inputs": "float"}}``); lowering applies them.
+        config_file: a file name that marks a build's out dir as this runtime's to load
+            (``runtime.json``); :func:`accelc.runtime.load` picks the runtime by it.
+        load: ``load(out_dir, **options)`` -> the loaded, callable runtime (a predictor).
+    """
+
+    name: str
+    description: str = ""
+    kinds: tuple[str, ...] = ()
+    runner: RunnerFactoryFn | None = None
+    session: SessionFactoryFn | None = None
+    pass_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config_file: str = ""
+    load: Callable[..., Any] | None = None
+
+
+#: The runtime trials fall back to when the recipe's runtime has no session factory.
+DEFAULT_TRIAL_RUNTIME = "onnxruntime"
+
+
+class RunnerFactory:
+    """``make(artifact)`` with the runner registered for the artifact's kind, ``session(model,
+    runtime=...)`` with the runtime's session factory.
+
+    Args:
+        factories: ``{artifact kind: runner factory}`` (the registry's ``runners``).
+        runtimes: ``{name: Runtime}`` (the registry's ``runtimes``); needed by :meth:`session` only.
+    """
+
+    def __init__(self, factories: dict[str, Any], runtimes: dict[str, Runtime] | None = None):
         self.factories = factories
+        self.runtimes = runtimes or {}
 
     def make(self, artifact: Artifact, device: str = "cpu", threads: int | None = None) -> Runner:
+        """A runner for ``artifact``. Raises :class:`PassError` when no plugin runs its kind."""
         f = self.factories.get(artifact.kind)
         if f is None:
             raise PassError(
@@ -41,169 +103,25 @@ class RunnerFactory:
             )
         return f(artifact, device=device, threads=threads)
 
+    def session(
+        self, model: str | os.PathLike[str] | bytes, threads: int | None = None, runtime: str = DEFAULT_TRIAL_RUNTIME
+    ) -> Session:
+        """A trial session for the ONNX ``model`` (path or serialized bytes) on ``runtime``.
 
-def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = None, device: str = "cpu") -> Any:
-    """An ONNX Runtime ``InferenceSession`` with graph optimizations at ORT_ENABLE_ALL.
-
-    ``threads`` sets ``intra_op_num_threads`` with one inter-op thread (``None``: ORT's default,
-    one per physical core). The CUDA execution provider is used for ``device="cuda"`` when the
-    installed build has it; CPU otherwise.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+        Raises :class:`PassError` naming the runtimes that have a session factory when
+        ``runtime`` is unknown or has none."""
+        rt = self.runtimes.get(runtime)
+        if rt is None or rt.session is None:
+            have = ", ".join(sorted(n for n, r in self.runtimes.items() if r.session is not None)) or "none"
+            raise PassError(f"runtime '{runtime}' runs no ONNX trial sessions (runtimes that do: {have})")
+        return rt.session(model, threads=threads)
 
 
-#: Runtimes that execute an ONNX file (plain or QDQ) directly on the CPU: ONNX Runtime's CPU
-#: execution provider, and OpenVINO's CPU plugin reading the file through its ONNX frontend.
-ONNX_RUNTIMES = ("onnxruntime", "openvino")
-
-#: ``INFERENCE_PRECISION_HINT`` values accelc passes to OpenVINO's CPU plugin. ``f32`` keeps every
-#: float op in float32; without a hint the plugin runs float ops in bf16 on CPUs that have it
-#: (AVX512-BF16, AMX), which moves outputs by about 1e-2 relative.
-OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
-
-
-def _openvino() -> Any:
-    """The ``openvino`` module. Raises :class:`PassError` saying how to install it."""
-    try:
-        import openvino
-    except ImportError as e:
-        raise PassError("the openvino runtime needs the Python package 'openvino' (pip install openvino)") from e
-    return openvino
-
-
-@functools.cache
-def _openvino_core() -> Any:
-    """One ``openvino.Core`` for the process, never destroyed. OpenVINO 2026.4's CPU plugin calls
-    ``sigaltstack`` on the calling thread when its engine is created and when compiled models
-    are destroyed (seen in gdb); with a Core per model, two models released first-in first-out
-    left the main thread's alternate signal stack on freed memory. Python's signal
-    handlers run on that stack (SA_ONSTACK), so a later Ctrl-C segfaulted instead of raising
-    KeyboardInterrupt (tests/test_openvino.py::test_ctrl_c_still_raises_keyboard_interrupt_after_openvino_ran)."""
-    return _openvino().Core()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:
-    """An OpenVINO ``CompiledModel`` on the CPU plugin, set up for batch-1 latency.
-
-    ``model``: a path (``.xml`` IR or ``.onnx``) or an ``openvino.Model``. ``threads`` sets
-    ``INFERENCE_NUM_THREADS`` (``None``: the plugin's default, one per physical core);
-    ``PERFORMANCE_HINT=LATENCY`` gives one inference stream; ``precision`` is the
-    ``INFERENCE_PRECISION_HINT`` (:data:`OPENVINO_PRECISIONS`). Raises :class:`PassError` when
-    the ``openvino`` package is missing or the plugin cannot compile the model.
-    """
-    core = _openvino_core()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    src = str(model) if isinstance(model, (str, os.PathLike)) else model
-    try:
-        return core.compile_model(src, "CPU", config)
-    except RuntimeError as e:
-        what = src if isinstance(src, str) else "the model"
-        raise PassError(f"OpenVINO could not compile {what}: {_first_line(e)}") from e
-
-
-def openvino_convert(path: str | os.PathLike[str]) -> Any:
-    """An ONNX file as an ``openvino.Model`` through ``openvino.convert_model``: the graph the
-    ``openvino_ir`` pass saves. Compiling the ONNX file directly takes another route through the
-    frontend, whose float rounding can differ (on EfficientNet-Lite0 INT8 it flipped one near-tie
-    crop of 96), so whatever scores a model for OpenVINO converts it this way first.
-    Raises :class:`PassError` naming the file when the conversion fails."""
-    ov = _openvino()
-    try:
-        return ov.convert_model(str(path))
-    except Exception as e:  # the ONNX frontend raises its own OpConversionFailure / RuntimeError types
-        raise PassError(f"OpenVINO could not convert {Path(path).name}: {_first_line(e)}") from e
-
-
-class _OpenVinoSession:
-    """One infer request of a compiled model; ``run(feeds)`` copies the outputs out of the
-    request's buffers (the next call reuses them)."""
-
-    def __init__(self, compiled: Any):
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self.input_names = [p.get_any_name() for p in compiled.inputs]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.request.infer({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
-        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
-
-
-class OnnxSession(Protocol):
-    """What :func:`onnx_session` returns: ``run(feeds)`` -> outputs as host arrays."""
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-
-class _OrtSession:
-    def __init__(self, session: Any):
-        self.session = session
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(o) for o in self.session.run(None, feeds)]
-
-
-def onnx_session(
-    model: str | os.PathLike[str], threads: int | None = None, runtime: str = "onnxruntime"
-) -> OnnxSession:
-    """An ONNX file ready to run on the CPU with ``runtime`` (one of :data:`ONNX_RUNTIMES`):
-    :func:`ort_session`, or :func:`openvino_convert` then :func:`openvino_compile` with float ops
-    kept in f32 (exactly what an ``openvino_ir`` artifact runs).
-
-    Used where a pass scores candidate models on the runtime that will deploy them, since
-    the two differ in how they execute INT8 (fusions, requantization rounding).
-    Raises ``ValueError`` for another runtime.
-    """
-    if runtime == "onnxruntime":
-        return _OrtSession(ort_session(model, threads))
-    if runtime == "openvino":
-        return _OpenVinoSession(openvino_compile(openvino_convert(model), threads, "f32"))
-    raise ValueError(f"no ONNX runtime '{runtime}' (known: {', '.join(ONNX_RUNTIMES)})")
-
-
-class OpenVinoRunner:
-    """Runs an ``openvino.ir`` artifact (``model.xml`` + ``model.bin``) on OpenVINO's CPU plugin
-    with :func:`openvino_compile`, at the inference precision recorded in its metadata."""
-
-    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
-        if device != "cpu":
-            raise PassError(f"an openvino.ir artifact runs on the CPU plugin, not on '{device}'")
-        precision = artifact.meta.get("inference_precision", "f32")
-        self.session = _OpenVinoSession(openvino_compile(artifact.file, threads, precision))
-        self.input_names = self.session.input_names
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(feeds)
-
-
-class OrtRunner:
-    """Runs an ``onnx`` / ``onnx.qdq`` artifact in an :func:`ort_session`."""
-
-    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
-        self.threads = threads
-        self.session = ort_session(artifact.file, threads, device)
-        self.providers = self.session.get_providers()
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(o) for o in self.session.run(None, feeds)]
+def trial_runtime(runtimes: dict[str, Runtime], runtime: str) -> str:
+    """The runtime that runs trials for a build on ``runtime``: itself when it has a session
+    factory, else :data:`DEFAULT_TRIAL_RUNTIME`."""
+    rt = runtimes.get(runtime)
+    return runtime if rt is not None and rt.session is not None else DEFAULT_TRIAL_RUNTIME
 
 
 def flatten_outputs(out: Any) -> list[Any]:
@@ -215,46 +133,22 @@ def flatten_outputs(out: Any) -> list[Any]:
     return [out]
 
 
-class TorchRunner:
-    """A ``torch.module`` (pickled ``nn.Module``), ``torchscript`` or ``torch.exported`` artifact,
-    run under ``torch.inference_mode()`` on ``device`` ("cpu" or "cuda")."""
-
-    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device(device)
-        for p in artifact.meta.get("pythonpath", []):
-            if p not in sys.path:
-                sys.path.insert(0, p)
-        if artifact.kind == "torch.module":
-            # Our own cache entry, digest-checked before it is opened: a full unpickle is trusted here only.
-            model = torch.load(artifact.file, map_location=self.device, weights_only=False)
-        elif artifact.kind == "torchscript":
-            model = torch.jit.load(str(artifact.file), map_location=self.device)
-        elif artifact.kind == "torch.exported":
-            model = torch.export.load(str(artifact.file)).module()
-            model = model.to(self.device)
-        else:
-            raise PassError(f"TorchRunner cannot run kind '{artifact.kind}'")
-        if hasattr(model, "eval") and artifact.kind != "torch.exported":
-            model = model.eval()
-        self.model = model
-        self.input_names = list(artifact.meta.get("input_names", []))
-        self.dtype = getattr(torch, artifact.meta.get("input_dtype", "float32"))
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import torch
-
-        names = self.input_names or list(feeds)
-        args = []
-        for n in names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-            args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
-            out = self.model(*args)
-        return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
+@contextlib.contextmanager
+def scoped_sys_path(paths: list[str] | tuple[str, ...] | str | None) -> Iterator[None]:
+    """Put ``paths`` (folders holding a user's model code) at the front of ``sys.path`` for the
+    block, then take out exactly the entries this call added (so unpickling a ``torch.module``
+    finds its classes, and the process's import path is left as it was)."""
+    if isinstance(paths, str):
+        paths = [paths]
+    added = [p for p in (paths or []) if p and p not in sys.path]
+    for p in reversed(added):
+        sys.path.insert(0, p)
+    try:
+        yield
+    finally:
+        for p in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(p)
 
 
 def default_threads() -> int:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from accelc.artifacts import RUNNABLE_KINDS, Artifact
-from accelc.pass_api import Pass, PassContext, PassResult, Slot
+from accelc.artifacts import Artifact
+from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
 from accelc.runners import default_threads
 
 
@@ -38,7 +38,7 @@ class Benchmark(Pass):
 
     name = "benchmark"
     version = "1"
-    inputs = (Slot("artifact", RUNNABLE_KINDS),)
+    inputs = (Slot("artifact", runnable=True, runs=True),)
     produces = "benchmark.report"
     final = False
     env_packages = ("onnxruntime", "torch", "numpy")
@@ -53,6 +53,10 @@ class Benchmark(Pass):
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
         },
     }
+
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings."""
+        return {**recipe.benchmark, **options}
 
     def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
         return {"cpu": host.cpu_model, "cpus": host.cpu_count}

@@ -28,7 +28,7 @@ Measured on EfficientNet-Lite0 (ImageNet weights, percentile calibration, 64 cal
 crops, 96 disjoint validation crops): full INT8 cosine similarity of the logits against
 float rose from 0.9746 to 0.9969 and top-1 agreement from 0.771 to 0.917.
 
-Cost: one ONNX Runtime session per corrected layer, each computing only the graph up to
+Cost: one session (of the runtime that deploys the model) per corrected layer, each computing only the graph up to
 that layer and reducing its output to per-channel means inside the graph (a ReduceMean
 node), so nothing larger than ``(C,)`` leaves the session. About 10 s for the 50 layers of
 EfficientNet-Lite0 on 64 samples at 224x224 with 2 threads.
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from accelc.runners import ort_session
+from accelc.runners import SessionFactoryFn
 
 from .loading import iter_batches
 
@@ -99,7 +99,12 @@ def _opset(model: Any) -> int:
 
 
 def _channel_means(
-    model: Any, outputs: list[tuple[str, int]], arrays: dict[str, np.ndarray], batch: int, threads: int | None
+    model: Any,
+    outputs: list[tuple[str, int]],
+    arrays: dict[str, np.ndarray],
+    batch: int,
+    threads: int | None,
+    session: SessionFactoryFn | None = None,
 ) -> tuple[list[np.ndarray], int]:
     """Per-channel means of the tensors ``outputs`` (name, rank) over ``arrays``: ``(C,)`` float64 each,
     and the number of samples they were taken over (see :func:`_feeds`).
@@ -124,23 +129,31 @@ def _channel_means(
             node = helper.make_node("ReduceMean", [name], [out], axes=axes, keepdims=0)
         m.graph.node.append(node)
         m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
-    sess = ort_session(m.SerializeToString(), threads)
+    sess = _session(session)(m.SerializeToString(), threads=threads)
     feeds, arrays, batch = _feeds(sess, arrays, batch)
     total = len(arrays[feeds[0]])
     sums: list[Any] = [0.0] * len(outputs)
     for _, chunk in iter_batches(arrays, feeds, batch):
         n = len(chunk[feeds[0]])
-        for j, mean in enumerate(sess.run(None, chunk)):
+        for j, mean in enumerate(sess.run(chunk)):
             sums[j] = sums[j] + mean.astype(np.float64) * n
     return [s / total for s in sums], total
+
+
+def _session(session: SessionFactoryFn | None) -> SessionFactoryFn:
+    """``session``, or ONNX Runtime's trial session when none is given (direct library use)."""
+    if session is not None:
+        return session
+    from .onnxruntime import ort_trial_session
+
+    return ort_trial_session
 
 
 def _feeds(sess: Any, arrays: dict[str, np.ndarray], batch: int) -> tuple[list[str], dict[str, np.ndarray], int]:
     """Input names, the arrays, and the batch size to run them at. A model exported with a static
     batch dimension ``B`` runs ``B`` samples at a time, on the first ``N - N % B`` samples."""
-    inputs = sess.get_inputs()
-    names = [i.name for i in inputs]
-    static = inputs[0].shape[0] if inputs[0].shape else None
+    names = list(sess.input_names)
+    static = sess.input_shapes[0][0] if sess.input_shapes and sess.input_shapes[0] else None
     if isinstance(static, int) and static > 0:
         usable = len(arrays[names[0]]) // static * static
         return names, {n: arrays[n][:usable] for n in names}, static
@@ -153,6 +166,7 @@ def correct_bias(
     arrays: dict[str, np.ndarray],
     batch: int = 16,
     threads: int | None = None,
+    session: SessionFactoryFn | None = None,
 ) -> BiasCorrection:
     """Correct the biases of ``qdq_model`` in place so each quantized layer's per-channel output
     mean matches ``float_model``'s on ``arrays`` (the calibration samples).
@@ -162,7 +176,10 @@ def correct_bias(
             as ``quantize_static`` keeps them).
         qdq_model: QDQ ONNX file; rewritten with the corrected INT32 bias initializers.
         arrays: model inputs by name, ``(N, ...)`` float32, the calibration samples.
-        batch: samples per session run. threads: ORT intra-op threads (None: ORT's default).
+        batch: samples per session run. threads: intra-op threads (None: the runtime's default).
+        session: the session factory of the runtime that measures the means and the outputs
+            (:attr:`accelc.runners.Runtime.session`, e.g. ``ctx.runners.session`` bound to the
+            recipe's runtime); ``None``: ONNX Runtime.
 
     The correction is kept only if the outputs on ``arrays`` get closer to the float model's
     (relative error, see :class:`BiasCorrection`); otherwise the biases are restored and ``kept``
@@ -212,10 +229,10 @@ def correct_bias(
 
     float_bytes, before_bytes = fp.SerializeToString(), qm.SerializeToString()
     wanted = [(float_out[n.name], r) for n, _, _, r, _ in layers]
-    reference, samples = _channel_means(fp, wanted, arrays, batch, threads)
+    reference, samples = _channel_means(fp, wanted, arrays, batch, threads, session)
     max_shift, max_node = 0.0, None
     for (node, bias, scale, rank, inv_beta), ref in zip(layers, reference, strict=True):
-        (mean,), _ = _channel_means(qm, [(node.output[0], rank)], arrays, batch, threads)
+        (mean,), _ = _channel_means(qm, [(node.output[0], rank)], arrays, batch, threads, session)
         delta = ref - mean
         peak = float(np.abs(delta).max()) if delta.size else 0.0
         if peak > max_shift:
@@ -226,9 +243,9 @@ def correct_bias(
         bias.CopyFrom(numpy_helper.from_array(np.clip(b, info.min, info.max).astype(np.int32), bias.name))
 
     # Safeguard: keep the correction only if it brings the outputs closer to float on the same samples.
-    ref_out = _outputs(float_bytes, arrays, batch, threads)
-    before = _relative_error(ref_out, _outputs(before_bytes, arrays, batch, threads))
-    after = _relative_error(ref_out, _outputs(qm.SerializeToString(), arrays, batch, threads))
+    ref_out = _outputs(float_bytes, arrays, batch, threads, session)
+    before = _relative_error(ref_out, _outputs(before_bytes, arrays, batch, threads, session))
+    after = _relative_error(ref_out, _outputs(qm.SerializeToString(), arrays, batch, threads, session))
     kept = after <= before
     if not kept:
         qm = onnx.load_from_string(before_bytes)
@@ -251,12 +268,14 @@ def _relative_error(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-300))
 
 
-def _outputs(model: bytes, arrays: dict[str, np.ndarray], batch: int, threads: int | None) -> np.ndarray:
+def _outputs(
+    model: bytes, arrays: dict[str, np.ndarray], batch: int, threads: int | None, session: SessionFactoryFn | None
+) -> np.ndarray:
     """All outputs of ``model`` on ``arrays``, flattened and concatenated per sample: ``(N, D)`` float32."""
-    sess = ort_session(model, threads)
+    sess = _session(session)(model, threads=threads)
     feeds, arrays, batch = _feeds(sess, arrays, batch)
     rows = [
-        np.concatenate([o.reshape(len(o), -1) for o in sess.run(None, chunk)], axis=1)
+        np.concatenate([o.reshape(len(o), -1) for o in sess.run(chunk)], axis=1)
         for _, chunk in iter_batches(arrays, feeds, batch)
     ]
     return np.concatenate(rows)

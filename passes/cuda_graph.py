@@ -20,9 +20,10 @@ import numpy as np
 
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
-from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runtime import CONFIG_NAME, Predictor, RuntimeConfig, write_config
+from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
 from accelc.signature import InputSignature
+
+from .cuda_graph_runtime import CONFIG_NAME, Predictor, RuntimeConfig, write_config
 
 #: artifact kind -> runtime backend
 BACKEND_OF = {
@@ -85,7 +86,7 @@ class CudaGraph(Pass):
 
     name = "cuda_graph"
     version = "2"
-    inputs = (Slot("model", ("trt.engine", "torch.module", "torchscript", "torch.exported")),)
+    inputs = (Slot("model", ("trt.engine", "torch.module", "torchscript", "torch.exported"), runs=True),)
     produces = "runtime.config"
     requires = ("cuda",)
     env_packages = ("torch",)
@@ -117,6 +118,18 @@ class CudaGraph(Pass):
             "rtol": {"type": "number", "minimum": 0, "default": 1e-3},
         },
     }
+
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """``batch_sizes`` by default: the example batch and the benchmark's batch sizes that fit the
+        dynamic batch range (a static batch: the example batch only)."""
+        if "batch_sizes" in options:
+            return options
+        spec = recipe.signature.inputs[0]
+        d = spec.batch_dim()
+        if d is None:
+            return {**options, "batch_sizes": [spec.shape[0]]}
+        wanted = [spec.shape[0], *recipe.benchmark.get("batch_sizes", [])]
+        return {**options, "batch_sizes": sorted({b for b in wanted if d.min <= b <= d.max})}
 
     def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
         cuda = host.cuda or {}

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from accelc.artifacts import Artifact
@@ -28,6 +29,19 @@ def _root_cause(e: BaseException) -> str:
     text = _ANSI.sub("", str(e))
     where = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Caused by:")), "")
     return f"{type(e).__name__}: {_first_line(e)}" + (f" ({where})" if where else "")
+
+
+
+def onnx_problem(file: Path) -> str | None:
+    """Check of the ONNX kinds (``onnx``, ``onnx.qdq``): the file passes ``onnx.checker.check_model``."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(file))
+    except Exception as e:  # checker.ValidationError, or a DecodeError for non-protobuf bytes
+        text = str(e).strip()
+        return f"fails onnx.checker: {text.splitlines()[0] if text else type(e).__name__}"
+    return None
 
 
 class ExportOnnx(Pass):

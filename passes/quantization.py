@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import shutil
 import tempfile
 import time
@@ -35,83 +34,34 @@ from typing import Any
 import numpy as np
 
 from accelc.artifacts import Artifact
-from accelc.errors import PassError, VerificationError
-from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runners import ONNX_RUNTIMES, default_threads
+from accelc.errors import GraphError, PassError, VerificationError
+from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
+from accelc.runners import default_threads
+from accelc.tolerances import TOLERANCES_SCHEMA
 
-from .bias_correction import correct_bias, recorded_correction
-from .loading import iter_batches, load_arrays
+from .bias_correction import recorded_correction
+from .loading import load_arrays
+from .quantizer import (
+    ENTROPY_DEFAULT_BINS,
+    FORMAT_OPTIONS,
+    METHODS,
+    _Reader,
+    quantize_model,
+    quantized_op_types,
+    quiet_logger,
+)
 from .sensitivity import (
-    FOLDABLE_ACTIVATIONS,
     Evaluator,
+    _latency_feeds,
+    _trial_record,
+    _validation_evaluator,
     fallback_units,
     p50_latency_ms,
     quality_key,
     rank_units,
     search_fallback,
+    trial_session,
 )
-from .verification import TOLERANCES, tolerance_failures
-
-METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-
-#: Histogram bins for ``entropy`` when ``num_bins`` is not set. ORT's own default (128) equals
-#: its 128 quantized bins, which leaves the KL search a single candidate: the full min-max range.
-ENTROPY_DEFAULT_BINS = 512
-
-#: Metrics copied from a verification into a trial record.
-_TRIAL_METRICS = (
-    "top1_agreement",
-    "cosine",
-    "cosine_min",
-    "max_abs_error",
-    "mean_abs_error",
-    "accuracy",
-    "accuracy_drop",
-)
-
-#: Quantize options that fix the quantized format (what ``calibrate`` needs to score a table).
-FORMAT_OPTIONS: dict[str, Any] = {
-    "per_channel": {"type": "boolean", "default": True, "description": "One weight scale per output channel."},
-    "activation_type": {
-        "enum": ["uint8", "int8"],
-        "default": "uint8",
-        "description": "Activation integer type: uint8 for x86 VNNI, int8 (with activation_symmetric) for TensorRT.",
-    },
-    "weight_type": {"enum": ["int8", "uint8"], "default": "int8", "description": "Weight integer type."},
-    "reduce_range": {
-        "type": "boolean",
-        "default": False,
-        "description": "7-bit weights, for CPUs without VNNI whose u8s8 kernels can overflow.",
-    },
-    "activation_symmetric": {"type": "boolean", "default": False, "description": "Zero point 0 for activations."},
-    "weight_symmetric": {"type": "boolean", "default": True, "description": "Zero point 0 for weights."},
-    "nodes_to_exclude": {
-        "type": "array",
-        "items": {"type": "string"},
-        "default": [],
-        "description": "ONNX node names kept in float.",
-    },
-    "op_types_to_quantize": {
-        "type": "array",
-        "items": {"type": "string"},
-        "description": "Only these ONNX op types are quantized (default: every type ONNX Runtime can quantize).",
-    },
-    "bias_correction": {
-        "type": "boolean",
-        "default": True,
-        "description": "Correct each quantized layer's bias so its per-channel output mean matches the float "
-        "model's on the calibration set (empirical bias correction, Nagel et al. 2019; see "
-        "accelc.passes.bias_correction). Free at inference time.",
-    },
-    "float_node_inputs": {
-        "enum": ["qdq", "float"],
-        "description": "How a node kept in float reads an activation a quantized node wrote. 'qdq' (ONNX "
-        "Runtime's layout) keeps the QuantizeLinear/DequantizeLinear pair there: ORT needs the Q to fuse the "
-        "producer into one INT8 op. 'float' removes the pair, so the producer writes float32 directly: "
-        "OpenVINO runs it as an INT8 kernel with a float output and skips a u8 round trip that it executes "
-        "unfused. Unset: 'float' for runtime openvino, else 'qdq' (set by lowering).",
-    },
-}
 
 # No defaults here: lowering fills these in only where the recipe left them unset.
 #: Calibrate options read only by ``method: auto``; quantize options read only with ``fallback`` set.
@@ -123,290 +73,18 @@ _FALLBACK_ONLY = (
 
 #: The option that names what runs the trials of ``calibrate: auto`` and ``quantize: fallback``.
 _RUNTIME_SCHEMA = {
-    "enum": list(ONNX_RUNTIMES),
-    "description": "Runtime that runs every trial (verification and latency). Unset: lowering sets the recipe's "
-    "runtime (ONNX Runtime for runtimes that do not read ONNX), since ONNX Runtime and OpenVINO execute the "
-    "same QDQ graph with different INT8 rounding.",
+    "type": "string",
+    "pattern": "^[a-z][a-z0-9_-]*$",
+    "description": "Runtime that runs every trial (verification, latency, bias correction), by name: a runtime "
+    "with a session factory (accelc plugins lists them). Unset: lowering sets the recipe's runtime (ONNX Runtime "
+    "for runtimes that do not read ONNX), since ONNX Runtime and OpenVINO execute the same QDQ graph with "
+    "different INT8 rounding.",
 }
 
-_TOLERANCES_SCHEMA = {
-    "type": "object",
-    "propertyNames": {"enum": list(TOLERANCES)},
-    "additionalProperties": {"type": "number"},
-}
+_TOLERANCES_SCHEMA = TOLERANCES_SCHEMA
 
 
-class _Reader:
-    """ORT ``CalibrationDataReader`` over in-memory arrays, one batch per ``get_next``."""
 
-    def __init__(self, arrays: dict[str, Any], names: list[str], batch: int):
-        self._batches = [feeds for _, feeds in iter_batches(arrays, names, batch)]
-        self._i = 0
-
-    def get_next(self) -> dict[str, Any] | None:
-        if self._i >= len(self._batches):
-            return None
-        self._i += 1
-        return self._batches[self._i - 1]
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._batches = self._batches[start_index:end_index]
-        self._i = 0
-
-
-def pin_float_nodes(model: Any) -> list[str]:
-    """Keep the Conv/ConvTranspose/Gemm nodes the quantizer left in float in float at run time.
-
-    ONNX Runtime's ``WeightBiasQuantization`` graph transformer (level ``ORT_ENABLE_BASIC`` and
-    up) quantizes a float Conv/ConvTranspose/Gemm whose activation input comes from a
-    ``DequantizeLinear`` with a per-tensor scale: per-tensor symmetric INT8 weights and an
-    INT32 bias, regardless of ``nodes_to_exclude``. On a depthwise convolution with folded
-    BatchNorm that is far worse than not excluding the node at all. The transformer only
-    matches a scalar-scale ``DequantizeLinear`` producer, so each such node gets its own
-    per-axis (axis 1) ``DequantizeLinear`` with the same scale and zero point repeated per
-    channel: numerically identical, left alone by the transformer, and the shared one still
-    feeds the quantized consumers.
-
-    Edits ``model`` (an ``onnx.ModelProto``) in place; returns the names of the pinned nodes.
-    """
-    from onnx import helper, numpy_helper
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:  # per-axis DequantizeLinear needs opset 13
-        return []
-    g = model.graph
-    init = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    pinned: list[tuple[Any, Any]] = []
-    for n in g.node:
-        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in init:
-            continue
-        dq = producer.get(n.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init or init[dq.input[1]].dims:
-            continue
-        has_zp = len(dq.input) > 2 and bool(dq.input[2])
-        if has_zp and dq.input[2] not in init:
-            continue
-        w = init[n.input[1]].dims
-        attrs = {a.name: a.i for a in n.attribute}
-        if n.op_type == "Conv":  # weight (C_out, C_in / group, ...)
-            channels = w[1] * attrs.get("group", 1)
-        elif n.op_type == "ConvTranspose":  # weight (C_in, C_out / group, ...)
-            channels = w[0]
-        else:  # Gemm: input (M, K), weight (K, N), or (N, K) with transB
-            if attrs.get("transA", 0):
-                continue
-            channels = w[1] if attrs.get("transB", 0) else w[0]
-        base = f"{n.name or n.output[0]}_float_input"
-        scale = numpy_helper.to_array(init[dq.input[1]])
-        g.initializer.append(numpy_helper.from_array(np.full(channels, scale, scale.dtype), f"{base}_scale"))
-        dq_inputs = [dq.input[0], f"{base}_scale"]
-        if has_zp:
-            zp = numpy_helper.to_array(init[dq.input[2]])
-            g.initializer.append(numpy_helper.from_array(np.full(channels, zp, zp.dtype), f"{base}_zero_point"))
-            dq_inputs.append(f"{base}_zero_point")
-        node = helper.make_node("DequantizeLinear", dq_inputs, [base], name=f"{base}_DequantizeLinear", axis=1)
-        n.input[0] = base
-        pinned.append((n, node))
-    for n, node in pinned:
-        g.node.insert(list(g.node).index(n), node)
-    prune_dead_nodes(model)  # a shared DequantizeLinear whose every consumer was pinned
-    return [n.name for n, _ in pinned]
-
-
-def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str]) -> list[str]:
-    """Remove the QuantizeLinear/DequantizeLinear pairs in front of float nodes.
-
-    Every ``DequantizeLinear`` of an activation (its input written by a ``QuantizeLinear``) whose
-    consumers are all float nodes (named in ``float_nodes``; a graph output is not one) is
-    bypassed: the consumers read the ``QuantizeLinear``'s float input instead. The pair is then
-    dropped by :func:`prune_dead_nodes` unless other (quantized) consumers still read the Q.
-
-    ONNX Runtime's quantizer drops a ``Relu``/``Clip`` whose range the following Q already
-    clamps to, and names the producer's output after the activation's. Where the bypassed
-    tensor was written by such an activation in ``float_model`` (the model before
-    quantization), a copy of it (attributes and bound initializers included) is put back in
-    front of the float consumers, so they read exactly the float graph's tensor. A tensor
-    whose float-graph producer is missing for any other reason is left quantized.
-
-    Numerically the float nodes then see the producer's unrounded output: one quantization
-    error fewer. Edits ``model`` in place; returns the names of the rewired consumers.
-    """
-    import onnx
-
-    g = model.graph
-    float_producer = {o: n for n in float_model.graph.node for o in n.output}
-    float_inits = {i.name: i for i in float_model.graph.initializer}
-    in_qdq = {n.name for n in g.node}
-    inits = {i.name for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
-    rewired: list[str] = []
-    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
-        q = producer.get(dq.input[0])
-        users = consumers.get(dq.output[0], [])
-        if q is None or q.op_type != "QuantizeLinear" or not users or dq.output[0] in outputs:
-            continue
-        if not all(u.name in float_nodes for u in users):
-            continue
-        source = q.input[0]
-        fp = float_producer.get(source)
-        if fp is None or (fp.name not in in_qdq and fp.op_type not in FOLDABLE_ACTIVATIONS):
-            continue
-        if fp.name not in in_qdq:  # a folded activation: run it in float again
-            act = onnx.NodeProto()
-            act.CopyFrom(fp)
-            act.name = f"{fp.name}_float"
-            act.input[0] = source
-            act.output[0] = f"{source}_float"
-            for extra in list(act.input)[1:]:
-                if extra and extra not in inits and extra in float_inits:
-                    g.initializer.append(float_inits[extra])
-                    inits.add(extra)
-            g.node.insert(list(g.node).index(dq), act)
-            in_qdq.add(act.name)
-            source = act.output[0]
-        for u in users:
-            for k, name in enumerate(u.input):
-                if name == dq.output[0]:
-                    u.input[k] = source
-            rewired.append(u.name)
-    if rewired:
-        prune_dead_nodes(model)
-    return rewired
-
-
-def prune_dead_nodes(model: Any) -> int:
-    """Remove nodes none of whose outputs is consumed or a graph output (repeatedly, so chains
-    such as QuantizeLinear -> DequantizeLinear go together), then unused initializers.
-    ONNX Runtime would otherwise still execute them. Edits ``model`` in place; returns the count."""
-    g = model.graph
-    removed = 0
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-        removed += len(dead)
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-    return removed
-
-
-def quantized_op_types(options: dict[str, Any]) -> frozenset[str]:
-    """Op types ``quantize_static`` quantizes: ``op_types_to_quantize``, else (as ORT does when it is
-    unset) every op type of its QDQ and QLinear registries."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    chosen = options.get("op_types_to_quantize")
-    return frozenset(chosen) if chosen else frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
-
-
-def quantize_model(
-    model: Path,
-    table: Path,
-    out: Path,
-    options: dict[str, Any],
-    nodes_to_exclude: list[str] | None = None,
-    nodes_to_quantize: list[str] | None = None,
-    calibration: dict[str, np.ndarray] | None = None,
-) -> Path:
-    """QDQ-quantize ``model`` with the ranges in ``table`` (ORT ``TensorsData`` JSON) into ``out``.
-
-    ``options`` holds the format options (:data:`FORMAT_OPTIONS`; defaults for missing ones);
-    ``nodes_to_exclude`` replaces ``options["nodes_to_exclude"]`` when given;
-    ``nodes_to_quantize`` restricts quantization to those nodes (``None``: all eligible).
-    With ``float_node_inputs: float`` the Q/DQ pairs in front of float nodes are removed
-    (:func:`unquantize_float_inputs`). Excluded Conv/Gemm nodes still fed by a
-    ``DequantizeLinear`` are pinned to float (:func:`pin_float_nodes`). With
-    ``bias_correction`` (the default) the quantized layers' biases are then corrected on
-    ``calibration`` (model inputs by name, ``(N, ...)`` float32) by
-    :func:`accelc.passes.bias_correction.correct_bias`, which records what it did in the
-    model's ``metadata_props`` (:func:`accelc.passes.bias_correction.recorded_correction`).
-
-    Raises:
-        PassError: ``quantize_static`` or the bias correction failed, or ``bias_correction``
-            is on and no ``calibration`` samples were given.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import load_tensors_data
-
-    opts = {k: spec.get("default") for k, spec in FORMAT_OPTIONS.items()}
-    opts.update({k: v for k, v in options.items() if k in FORMAT_OPTIONS})
-    qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    exclude = list(opts["nodes_to_exclude"] if nodes_to_exclude is None else nodes_to_exclude)
-    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint through the root logger
-    try:
-        quantize_static(
-            str(model),
-            str(out),
-            calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=opts.get("op_types_to_quantize"),
-            per_channel=opts["per_channel"],
-            reduce_range=opts["reduce_range"],
-            activation_type=qt[opts["activation_type"]],
-            weight_type=qt[opts["weight_type"]],
-            nodes_to_exclude=exclude,
-            nodes_to_quantize=nodes_to_quantize,
-            calibrate_method=load_tensors_data(table).calibration_method,
-            calibration_cache_path=str(table),
-            extra_options={
-                "ActivationSymmetric": opts["activation_symmetric"],
-                "WeightSymmetric": opts["weight_symmetric"],
-            },
-        )
-    except Exception as e:
-        raise PassError(f"quantize: {type(e).__name__}: {e}") from e
-    q = onnx.load(str(out))
-    changed = False
-    if opts.get("float_node_inputs") == "float":
-        # Only the excluded nodes count as float. In a sensitivity model (``nodes_to_quantize``:
-        # one node) its consumers are float only because the probe leaves them out; in the built
-        # model they read its INT8 output, so the Q/DQ pair on that output stays and its
-        # rounding is part of the node's measured sensitivity.
-        changed = bool(unquantize_float_inputs(q, onnx.load(str(model)), set(exclude)))
-    if pin_float_nodes(q) or changed:
-        onnx.save(q, str(out))
-    if opts["bias_correction"]:
-        if calibration is None:
-            raise PassError("quantize.bias_correction needs the calibration samples (add data.calibration)")
-        try:
-            correct_bias(model, out, calibration, threads=default_threads())
-        except Exception as e:
-            raise PassError(f"quantize: bias correction: {type(e).__name__}: {e}") from e
-    return out
-
-
-def _trial_record(metrics: dict[str, Any], tolerances: dict[str, float]) -> dict[str, Any]:
-    failures = tolerance_failures(metrics, tolerances)
-    rec = {k: metrics[k] for k in _TRIAL_METRICS if k in metrics}
-    rec.update(passed=not failures, failures=failures)
-    return rec
-
-
-def _validation_evaluator(
-    inputs: dict[str, Artifact], ctx: PassContext, batch: int, runtime: str = "onnxruntime"
-) -> Evaluator:
-    data = load_arrays(inputs["validation"])
-    ref = load_arrays(inputs["reference"])["output0"]
-    batch = min(batch, ctx.signature.max_batch())
-    return Evaluator(data, ctx.signature.names, ref, batch, default_threads(), data.get("labels"), runtime)
-
-
-def _latency_feeds(evaluator: Evaluator) -> dict[str, np.ndarray]:
-    return {k: v[:1] for k, v in evaluator.arrays.items()}
 
 
 class Calibrate(Pass):
@@ -495,6 +173,27 @@ class Calibrate(Pass):
         },
     }
 
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """``method: auto`` gets ``selection``: the format options of the next ``quantize`` step (with
+        the runtime's defaults, so each trial is quantized as the build will be), the quantize
+        stage's tolerances (the recipe's when that stage is not verified), the verify batch size
+        and the trial runtime. A fixed method needs nothing from the recipe."""
+        if options.get("method") != "auto":
+            return options
+        q = recipe.next_step("quantize")
+        fmt: dict[str, Any] = {}
+        if q is not None:
+            full = recipe.full_options("quantize", dict(q.options))
+            fmt = {k: v for k, v in full.items() if k in FORMAT_OPTIONS}
+        selection = {
+            "quantize": fmt,
+            "tolerances": recipe.stage_tolerances("quantize") or dict(recipe.tolerances),
+            "batch_size": recipe.verify_batch_size,
+            "runtime": recipe.trial_runtime,
+            **options.get("selection", {}),
+        }
+        return {**options, "selection": selection}
+
     def uses_inputs(self, options: dict[str, Any]) -> set[str]:
         """Optional slots this invocation needs: the validation set and reference outputs for ``auto``."""
         return {"reference", "validation"} if options.get("method") == "auto" else set()
@@ -534,9 +233,8 @@ class Calibrate(Pass):
         elif method == "entropy":
             extra["num_bins"] = ENTROPY_DEFAULT_BINS
         batch = min(options["batch_size"], ctx.signature.max_batch())
-        logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         ctx.progress(f"calibrating ({method})")
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="accelc-calib-") as tmp, quiet_logger("onnxruntime"):
             try:
                 cal = create_calibrator(
                     Path(model),
@@ -577,7 +275,12 @@ class Calibrate(Pass):
                 save_tensors_data(ranges, table)
                 ctx.progress(f"trial {method}: quantize and verify")
                 q = quantize_model(
-                    inputs["model"].file, table, Path(tmp) / f"{method}.onnx", sel.get("quantize", {}), calibration=data
+                    inputs["model"].file,
+                    table,
+                    Path(tmp) / f"{method}.onnx",
+                    sel.get("quantize", {}),
+                    calibration=data,
+                    session=evaluator.session,
                 )
                 rec = {"method": method, **({"percentile": options["percentile"]} if method == "percentile" else {})}
                 rec.update(_trial_record(evaluator.metrics(q), tolerances))
@@ -586,7 +289,7 @@ class Calibrate(Pass):
             ctx.progress("latency of the trials, side by side")
             lat = p50_latency_ms(
                 models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20),
-                runtime=runtime,
+                session=evaluator.session,
             )
         for rec in trials:
             rec["p50_ms"] = lat[rec["method"]]
@@ -704,6 +407,33 @@ class Quantize(Pass):
         },
     }
 
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """``runtime`` (what measures bias correction and runs the trials): the recipe's trial runtime.
+        With ``fallback`` set, also the quantize stage's tolerances (those of the first verified
+        stage from quantize on: ``openvino_ir`` when the QDQ model is verified only as the
+        runtime's IR) and the verify batch size; they stay in the cache key, since they decide
+        which nodes are excluded.
+
+        Raises:
+            GraphError: ``fallback`` is set but no stage from quantize on is verified and the step
+                sets no ``tolerances`` itself.
+        """
+        opts = dict(options)
+        if opts.get("bias_correction", True) or opts.get("fallback"):
+            opts.setdefault("runtime", recipe.trial_runtime)
+        if not opts.get("fallback"):
+            return opts  # plain quantization: verify alone checks it, and a tolerance change reruns nothing
+        tol = recipe.stage_tolerances("quantize")
+        if tol:
+            opts.setdefault("tolerances", tol)
+            opts.setdefault("batch_size", recipe.verify_batch_size)
+        elif not opts.get("tolerances"):
+            raise GraphError(
+                f"{where}: quantize.fallback '{opts['fallback']}' needs the quantize stage's tolerances, but that "
+                "stage is not verified (add data.validation, keep 'quantize' in verify.after, set verify.tolerances)"
+            )
+        return opts
+
     def uses_inputs(self, options: dict[str, Any]) -> set[str]:
         """Optional slots this invocation needs: all three when it checks itself (``fallback`` set),
         the calibration samples for ``bias_correction``."""
@@ -714,7 +444,11 @@ class Quantize(Pass):
         """Options minus those only the accuracy check reads, when ``fallback`` is unset."""
         material = super().key_material(options, host, sources)
         if not options.get("fallback"):
-            material["options"] = {k: v for k, v in material["options"].items() if k not in _FALLBACK_ONLY}
+            # bias correction measures on ``runtime`` too, so it stays in the key while correction is on
+            keep = ("runtime",) if options.get("bias_correction", True) else ()
+            material["options"] = {
+                k: v for k, v in material["options"].items() if k not in _FALLBACK_ONLY or k in keep
+            }
         return material
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
@@ -733,14 +467,15 @@ class Quantize(Pass):
         if options["bias_correction"]:
             ctx.progress("quantize and correct biases")
         tolerances = options.get("tolerances") or {}
+        runtime = options.get("runtime", "onnxruntime")
         if not options.get("fallback") or not tolerances:
-            quantize_model(model_path, table, out, options, calibration=calibration)
+            session = trial_session(ctx, runtime)
+            quantize_model(model_path, table, out, options, calibration=calibration, session=session)
             return PassResult("model.onnx", metrics=self._facts(out, user_excl), meta=inputs["model"].meta)
         for slot in ("reference", "validation"):
             if slot not in inputs:
                 raise PassError(f"quantize.fallback needs the '{slot}' input (add data.validation to the recipe)")
 
-        runtime = options.get("runtime", "onnxruntime")
         evaluator = _validation_evaluator(inputs, ctx, options.get("batch_size", 16), runtime)
         timing: dict[str, float] = {}
         clock = time.perf_counter()
@@ -754,7 +489,9 @@ class Quantize(Pass):
         with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-") as tmp_dir:
             tmp = Path(tmp_dir)
             ctx.progress("full INT8: quantize and verify")
-            full = quantize_model(model_path, table, tmp / "trial0.onnx", options, calibration=calibration)
+            full = quantize_model(
+                model_path, table, tmp / "trial0.onnx", options, calibration=calibration, session=evaluator.session
+            )
             first = {"trial": 0, "fp32_nodes": [], **_trial_record(evaluator.metrics(full), tolerances)}
             trials, files = [first], {0: full}
             ranking: list[dict[str, Any]] = []
@@ -771,7 +508,13 @@ class Quantize(Pass):
                     excl = user_excl + [n for r in ranking[:k] for n in r["nodes"]]
                     ctx.progress(f"fallback trial: {k} node(s) in float")
                     path = quantize_model(
-                        model_path, table, tmp / f"trial{len(trials)}.onnx", options, excl, calibration=calibration
+                        model_path,
+                        table,
+                        tmp / f"trial{len(trials)}.onnx",
+                        options,
+                        excl,
+                        calibration=calibration,
+                        session=evaluator.session,
                     )
                     rec = {
                         "trial": len(trials),
@@ -792,7 +535,7 @@ class Quantize(Pass):
                 _latency_feeds(evaluator),
                 default_threads(),
                 options["latency_iterations"],
-                runtime=runtime,
+                session=evaluator.session,
             )
             lap("latency")
         for rec in trials:
@@ -849,16 +592,23 @@ class Quantize(Pass):
         pick = np.unique(np.linspace(0, total - 1, min(options["sensitivity_samples"], total)).round().astype(int))
         arrays = {n: arrays[n][pick] for n in ctx.signature.names}
         ctx.progress("sensitivity: float model outputs")
-        rt = validation.runtime
-        probe = Evaluator(arrays, ctx.signature.names, np.zeros(0), validation.batch, validation.threads, runtime=rt)
+        rt, sess = validation.runtime, validation.session
+        names, batch, threads = ctx.signature.names, validation.batch, validation.threads
+        probe = Evaluator(arrays, names, np.zeros(0), batch, threads, runtime=rt, session=sess)
         float_out = probe.outputs(inputs["model"].file)
-        evaluator = Evaluator(arrays, ctx.signature.names, float_out, validation.batch, validation.threads, runtime=rt)
+        evaluator = Evaluator(arrays, names, float_out, batch, threads, runtime=rt, session=sess)
         units = fallback_units(model, onnx.load(str(full)), quantized_op_types(options), options["nodes_to_exclude"])
         only = tmp / "only.onnx"
         ranking = rank_units(
             units,
             lambda nodes: quantize_model(
-                inputs["model"].file, inputs["table"].file, only, options, nodes_to_quantize=nodes, calibration=arrays
+                inputs["model"].file,
+                inputs["table"].file,
+                only,
+                options,
+                nodes_to_quantize=nodes,
+                calibration=arrays,
+                session=sess,
             ),
             evaluator,
             ctx.progress,

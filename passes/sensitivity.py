@@ -7,7 +7,7 @@ Terms:
 
 * A **trial** is one real quantized model (``quantize_static`` with one calibration table
   and one ``nodes_to_exclude`` list, excluded nodes pinned to float as
-  :func:`accelc.passes.quantization.pin_float_nodes` explains), run with ONNX Runtime on the
+  :func:`accelc.passes.qdq.pin_float_nodes` explains), run on the recipe's runtime on the
   validation set and compared with the source model's outputs by
   :func:`accelc.passes.verification.compare_outputs`, so its numbers are the ones a ``verify``
   stage reports for that model.
@@ -38,13 +38,24 @@ from typing import Any
 
 import numpy as np
 
-from accelc.runners import onnx_session
+from accelc.artifacts import Artifact
+from accelc.pass_api import PassContext
+from accelc.runners import SessionFactoryFn, default_threads
+from accelc.tolerances import TOLERANCES, tolerance_failures
 
-from .loading import iter_batches
-from .verification import TOLERANCES, compare_outputs, tolerance_failures
+from .loading import iter_batches, load_arrays
+from .verification import compare_outputs
 
 #: Ops ONNX Runtime's QDQ quantizer may fold into the preceding node's output range.
 FOLDABLE_ACTIVATIONS = ("Clip", "Relu")
+
+
+def _session(session: SessionFactoryFn | None) -> SessionFactoryFn:
+    if session is not None:
+        return session
+    from .onnxruntime import ort_trial_session
+
+    return ort_trial_session
 
 
 class Evaluator:
@@ -57,8 +68,10 @@ class Evaluator:
         batch: samples per ``session.run`` (must fit the model's batch dimension).
         threads: intra-op threads (``None``: the runtime's default).
         labels: optional ``(N,)`` int64 labels, passed on to :func:`compare_outputs`.
-        runtime: what runs the models, one of :data:`accelc.runners.ONNX_RUNTIMES`: the runtime
+        runtime: the name of the runtime that runs the models (recorded in reports): the runtime
             that will deploy them, since ONNX Runtime and OpenVINO round INT8 differently.
+        session: that runtime's session factory (:attr:`accelc.runners.Runtime.session`, or
+            ``ctx.runners.session`` bound to it); ``None``: ONNX Runtime's.
     """
 
     def __init__(
@@ -70,8 +83,10 @@ class Evaluator:
         threads: int | None,
         labels: np.ndarray | None = None,
         runtime: str = "onnxruntime",
+        session: SessionFactoryFn | None = None,
     ):
         self.runtime = runtime
+        self.session = _session(session)
         self.arrays = {k: arrays[k] for k in names}
         self.names = names
         self.reference = reference
@@ -81,7 +96,7 @@ class Evaluator:
 
     def outputs(self, model: str | Path) -> np.ndarray:
         """First output of the ONNX file ``model`` on all samples, float32 ``(N, ...)``."""
-        sess = onnx_session(model, self.threads, self.runtime)
+        sess = self.session(model, threads=self.threads)
         return np.concatenate(
             [np.asarray(sess.run(f)[0], dtype=np.float32) for _, f in iter_batches(self.arrays, self.names, self.batch)]
         )
@@ -96,9 +111,9 @@ def quality_key(metrics: dict[str, Any], tolerances: dict[str, float]) -> tuple[
     (in :data:`TOLERANCES` order, sign flipped for error metrics), then mean cosine, then
     minus mean absolute error. Used to pick the best calibration trial."""
     key: list[float] = [-float(len(tolerance_failures(metrics, tolerances)))]
-    for name, (metric, sense) in TOLERANCES.items():
-        if name in tolerances and metric in metrics:
-            key.append(metrics[metric] if sense == "min" else -metrics[metric])
+    for name, t in TOLERANCES.items():
+        if name in tolerances and t.metric in metrics:
+            key.append(metrics[t.metric] if t.sense == "min" else -metrics[t.metric])
     key += [metrics.get("cosine", 0.0), -metrics.get("mean_abs_error", 0.0)]
     return tuple(key)
 
@@ -110,16 +125,18 @@ def p50_latency_ms(
     iterations: int,
     rounds: int = 5,
     warmup: int = 5,
-    runtime: str = "onnxruntime",
+    session: SessionFactoryFn | None = None,
 ) -> dict[str, float]:
     """Median batch latency in ms of each model, measured side by side in this process.
 
     The ``iterations`` timed runs per model are split into ``rounds`` interleaved rounds
     (model A, B, C, A, B, C, ...) so that load from other processes on a shared machine
     hits all models alike. Each model gets ``warmup`` untimed runs first. ``time.perf_counter``
-    around one run on ``runtime`` (:func:`accelc.runners.onnx_session`), host outputs included.
+    around one run of a ``session`` (a runtime's session factory; ``None``: ONNX Runtime's),
+    host outputs included.
     """
-    sessions = {k: onnx_session(p, threads, runtime) for k, p in models.items()}
+    make = _session(session)
+    sessions = {k: make(p, threads=threads) for k, p in models.items()}
     for s in sessions.values():
         for _ in range(warmup):
             s.run(feeds)
@@ -257,3 +274,47 @@ def search_fallback(
         else:
             lo = mid
     return best
+
+
+#: Metrics copied from a verification into a trial record.
+_TRIAL_METRICS = (
+    "top1_agreement",
+    "cosine",
+    "cosine_min",
+    "max_abs_error",
+    "mean_abs_error",
+    "accuracy",
+    "accuracy_drop",
+)
+
+
+def _trial_record(metrics: dict[str, Any], tolerances: dict[str, float]) -> dict[str, Any]:
+    failures = tolerance_failures(metrics, tolerances)
+    rec = {k: metrics[k] for k in _TRIAL_METRICS if k in metrics}
+    rec.update(passed=not failures, failures=failures)
+    return rec
+
+
+def trial_session(ctx: PassContext, runtime: str) -> SessionFactoryFn:
+    """The session factory of ``runtime``, through the runtime hook (``ctx.runners.session``)."""
+
+    def make(model: Any, threads: int | None = None) -> Any:
+        return ctx.runners.session(model, threads=threads, runtime=runtime)
+
+    return make
+
+
+def _validation_evaluator(
+    inputs: dict[str, Artifact], ctx: PassContext, batch: int, runtime: str = "onnxruntime"
+) -> Evaluator:
+    data = load_arrays(inputs["validation"])
+    ref = load_arrays(inputs["reference"])["output0"]
+    batch = min(batch, ctx.signature.max_batch())
+    labels = data.get("labels")
+    session = trial_session(ctx, runtime)
+    return Evaluator(data, ctx.signature.names, ref, batch, default_threads(), labels, runtime, session)
+
+
+def _latency_feeds(evaluator: Evaluator) -> dict[str, np.ndarray]:
+    return {k: v[:1] for k, v in evaluator.arrays.items()}
+

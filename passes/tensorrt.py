@@ -25,9 +25,12 @@ import time, so the plugin loads on hosts without it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +83,35 @@ def version_ok(version: str | None, spec: str) -> bool:
         return False
 
 
+def installed_tensorrt() -> str | None:
+    """The installed TensorRT's version from distribution metadata (nothing is imported), or ``None``."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def tensorrt_version(host: Any) -> str | None:
+    """This host's TensorRT version (the ``tensorrt`` fact, so a test can describe another host)."""
+    return host.fact("tensorrt", installed_tensorrt)
+
+
+def tensorrt_probe(host: Any, op: str | None, value: int | None) -> tuple[bool, str]:
+    """The ``tensorrt`` host capability: the Python package is installed."""
+    v = tensorrt_version(host)
+    return (v is not None), (f"TensorRT {v}" if v else "Python package tensorrt not installed")
+
+
 def _device_key(host: Any) -> dict[str, Any]:
     cuda = host.cuda or {}
-    return {"gpu": cuda.get("name"), "sm": cuda.get("sm"), "tensorrt": host.tensorrt_version}
+    return {"gpu": cuda.get("name"), "sm": cuda.get("sm"), "tensorrt": tensorrt_version(host)}
 
 
 def _trt() -> Any:
@@ -93,33 +122,41 @@ def _trt() -> Any:
     return trt
 
 
-_LOGGER: Any = None
-
-
+@functools.cache
 def trt_logger() -> Any:
-    """The process-wide ``tensorrt.ILogger``, forwarding TensorRT's messages to the
-    ``accelc.tensorrt`` logger (errors and warnings at their level, the rest at DEBUG)."""
-    global _LOGGER
-    if _LOGGER is None:
-        trt = _trt()
+    """The process-wide ``tensorrt.ILogger`` (TensorRT keeps the first logger it is given), forwarding
+    TensorRT's messages to the ``accelc.tensorrt`` logger (errors and warnings at their level, the
+    rest at DEBUG). Error messages are kept only inside :meth:`capture` blocks, by the caller that
+    opened them, so nothing accumulates across builds."""
+    trt = _trt()
 
-        class _Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self._sinks: list[list[str]] = []
 
-            def log(self, severity: Any, msg: str) -> None:
-                sev = trt.ILogger.Severity
-                if severity in (sev.INTERNAL_ERROR, sev.ERROR):
-                    self.errors.append(msg)
-                    log.error(msg)
-                elif severity == sev.WARNING:
-                    log.warning(msg)
-                else:
-                    log.debug(msg)
+        @contextlib.contextmanager
+        def capture(self) -> Iterator[list[str]]:
+            """The TensorRT error messages logged during the block, as a list the caller owns."""
+            sink: list[str] = []
+            self._sinks.append(sink)
+            try:
+                yield sink
+            finally:
+                self._sinks.remove(sink)
 
-        _LOGGER = _Logger()
-    return _LOGGER
+        def log(self, severity: Any, msg: str) -> None:
+            sev = trt.ILogger.Severity
+            if severity in (sev.INTERNAL_ERROR, sev.ERROR):
+                for sink in self._sinks:
+                    sink.append(msg)
+                log.error(msg)
+            elif severity == sev.WARNING:
+                log.warning(msg)
+            else:
+                log.debug(msg)
+
+    return _Logger()
 
 
 class TrtTimingCache(Pass):
@@ -302,6 +339,12 @@ class TrtEngine(Pass):
         return _device_key(host)
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
+        with trt_logger().capture() as errors:
+            return self._build(ctx, inputs, options, errors)
+
+    def _build(
+        self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any], errors: list[str]
+    ) -> PassResult:
         trt = _trt()
         if not version_ok(trt.__version__, options["tensorrt_versions"]):
             raise PassError(
@@ -309,7 +352,6 @@ class TrtEngine(Pass):
                 f"({options['tensorrt_versions']})"
             )
         logger = trt_logger()
-        logger.errors.clear()
         model = inputs["model"]
         builder = trt.Builder(logger)
         flags = 0
@@ -365,7 +407,7 @@ class TrtEngine(Pass):
         build_s = time.perf_counter() - t0
         if serialized is None:
             raise PassError(
-                "trt_engine: the builder returned no engine: " + "; ".join(logger.errors[-5:] or ["no log"])
+                "trt_engine: the builder returned no engine: " + "; ".join(errors[-5:] or ["no log"])
             )
         engine_path = ctx.workdir / ENGINE_FILE
         engine_path.write_bytes(bytes(serialized))
@@ -375,7 +417,7 @@ class TrtEngine(Pass):
         runtime = trt.Runtime(logger)  # must outlive the engine
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:
-            raise PassError("trt_engine: the engine just built does not deserialize: " + "; ".join(logger.errors[-5:]))
+            raise PassError("trt_engine: the engine just built does not deserialize: " + "; ".join(errors[-5:]))
         io = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         in_names = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         out_names = [n for n in io if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -454,11 +496,12 @@ class TrtModule:
         self.runtime = runtime  # the runtime must outlive the engine
         if engine is None:
             self.runtime = trt.Runtime(self._logger)
-            engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            with self._logger.capture() as errors:
+                engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
             if engine is None:
                 raise PassError(
                     f"{engine_path}: TensorRT {trt.__version__} cannot deserialize this engine "
-                    f"(built by another TensorRT version or for another GPU?): " + "; ".join(self._logger.errors[-3:])
+                    f"(built by another TensorRT version or for another GPU?): " + "; ".join(errors[-3:])
                 )
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -500,8 +543,10 @@ class TrtModule:
         import torch
 
         s = stream or torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(s.cuda_stream):
-            raise PassError("TensorRT execute_async_v3 failed: " + "; ".join(self._logger.errors[-3:]))
+        with self._logger.capture() as errors:
+            ok = self.context.execute_async_v3(s.cuda_stream)
+        if not ok:
+            raise PassError("TensorRT execute_async_v3 failed: " + "; ".join(errors[-3:]))
 
     def forward(self, inputs: list[Any]) -> list[Any]:
         """Run once on the current stream: bind ``inputs``, enqueue, return the new outputs."""

@@ -21,10 +21,12 @@ import warnings
 from contextlib import redirect_stdout
 from typing import Any
 
+import numpy as np
+
 from accelc.artifacts import Artifact
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
-from accelc.runners import flatten_outputs
+from accelc.runners import flatten_outputs, scoped_sys_path
 from accelc.signature import InputSignature
 
 _CHECK_SCHEMA = {
@@ -41,15 +43,11 @@ def _first_line(e: BaseException) -> str:
 def load_module(artifact: Artifact) -> Any:
     """The pickled ``nn.Module`` of a ``torch.module`` artifact, on the CPU in eval mode
     (its ``pythonpath`` meta is put on ``sys.path`` first)."""
-    import sys
-
     import torch
 
-    for p in artifact.meta.get("pythonpath", []):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     # Our own cache entry, digest-checked before it is opened: a full unpickle is trusted here only.
-    return torch.load(artifact.file, map_location="cpu", weights_only=False).eval()
+    with scoped_sys_path(artifact.meta.get("pythonpath", [])):
+        return torch.load(artifact.file, map_location="cpu", weights_only=False).eval()
 
 
 def example_batches(signature: InputSignature) -> tuple[int, int | None]:
@@ -345,3 +343,44 @@ class Export(Pass):
             metrics={"graph_nodes": len(ep.graph.nodes), "checked_batches": checked, "max_abs_diff": diff},
             meta={**inputs["model"].meta, "input_dtype": dtype},
         )
+
+
+class TorchRunner:
+    """A ``torch.module`` (pickled ``nn.Module``), ``torchscript`` or ``torch.exported`` artifact,
+    run under ``torch.inference_mode()`` on ``device`` ("cpu" or "cuda")."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        if artifact.kind == "torch.module":
+            # Our own cache entry, digest-checked before it is opened: a full unpickle is trusted here only.
+            with scoped_sys_path(artifact.meta.get("pythonpath", [])):
+                model = torch.load(artifact.file, map_location=self.device, weights_only=False)
+        elif artifact.kind == "torchscript":
+            model = torch.jit.load(str(artifact.file), map_location=self.device)
+        elif artifact.kind == "torch.exported":
+            model = torch.export.load(str(artifact.file)).module()
+            model = model.to(self.device)
+        else:
+            raise PassError(f"TorchRunner cannot run kind '{artifact.kind}'")
+        if hasattr(model, "eval") and artifact.kind != "torch.exported":
+            model = model.eval()
+        self.model = model
+        self.input_names = list(artifact.meta.get("input_names", []))
+        self.dtype = getattr(torch, artifact.meta.get("input_dtype", "float32"))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        names = self.input_names or list(feeds)
+        args = []
+        for n in names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        with torch.inference_mode():
+            out = self.model(*args)
+        return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
+

@@ -7,20 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from accelc.artifacts import RUNNABLE_KINDS, Artifact
+from accelc.artifacts import Artifact
 from accelc.errors import VerificationError
-from accelc.pass_api import Pass, PassContext, PassResult, Slot
+from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
+from accelc.tolerances import TOLERANCES, TOLERANCES_SCHEMA, tolerance_failures  # noqa: F401 (re-exported)
 
 from .loading import iter_batches, load_arrays
-
-#: tolerance name -> (metric, "min" | "max"): whether the metric must stay above or below it.
-TOLERANCES = {
-    "top1_agreement": ("top1_agreement", "min"),
-    "cosine": ("cosine", "min"),
-    "max_abs_error": ("max_abs_error", "max"),
-    "mean_abs_error": ("mean_abs_error", "max"),
-    "accuracy_drop": ("accuracy_drop", "max"),
-}
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
@@ -53,20 +45,6 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
     return m
 
 
-def tolerance_failures(metrics: dict[str, Any], tolerances: dict[str, float]) -> list[str]:
-    """Human-readable lines for every tolerance the metrics miss (empty when all hold)."""
-    out = []
-    for tol, bound in tolerances.items():
-        metric, sense = TOLERANCES[tol]
-        if metric not in metrics:
-            continue
-        v = metrics[metric]
-        if (sense == "min" and v < bound) or (sense == "max" and v > bound):
-            rel = ">=" if sense == "min" else "<="
-            out.append(f"{metric} = {v:.6g}, required {rel} {bound:g}")
-    return out
-
-
 class Verify(Pass):
     """Run the stage's artifact on the validation set and compare with the source model's outputs.
 
@@ -78,7 +56,7 @@ class Verify(Pass):
     name = "verify"
     version = "1"
     inputs = (
-        Slot("artifact", RUNNABLE_KINDS),
+        Slot("artifact", runnable=True, runs=True),
         Slot("reference", ("reference.outputs",)),
         Slot("data", ("validation.data",)),
     )
@@ -90,16 +68,15 @@ class Verify(Pass):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "tolerances": {
-                "type": "object",
-                "default": {},
-                "propertyNames": {"enum": list(TOLERANCES)},
-                "additionalProperties": {"type": "number"},
-            },
+            "tolerances": {**TOLERANCES_SCHEMA, "default": {}},
             "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
         },
     }
+
+    def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
+        """An explicit ``verify`` step checks the recipe's ``verify.tolerances`` unless it sets its own."""
+        return {"tolerances": recipe.tolerances, **options}
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         data = load_arrays(inputs["data"])

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from accelc.build import build, plan, prepare
 from accelc.errors import GraphError
-from accelc.passes.quantization import pin_float_nodes
+from accelc.passes.qdq import pin_float_nodes
 from accelc.passes.sensitivity import quality_key, search_fallback
 
 MODULE = "accelc_test_sensitive_net"

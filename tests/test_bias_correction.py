@@ -21,7 +21,7 @@ from test_accuracy_aware_int8 import QUICK, stage, write_project
 from accelc.build import build, prepare
 from accelc.errors import PassError
 from accelc.passes.bias_correction import correct_bias, recorded_correction
-from accelc.passes.quantization import quantize_model
+from accelc.passes.quantizer import quantize_model
 
 STEP = 0.01  # per-channel weight scale
 
@@ -142,8 +142,8 @@ def test_a_correction_that_moves_away_from_float_is_not_kept(models, monkeypatch
     real = bc._channel_means
     calls = []
 
-    def wrong_reference(model, outputs, arrays, batch, threads):
-        means, samples = real(model, outputs, arrays, batch, threads)
+    def wrong_reference(model, outputs, arrays, batch, threads, session=None):
+        means, samples = real(model, outputs, arrays, batch, threads, session)
         calls.append(len(outputs))
         if len(calls) == 1:  # the first call: the float references
             means = [m + 1.0 for m in means]

@@ -117,7 +117,7 @@ def test_passes_name_describes_the_pass_and_every_option(tmp_path):
     r = run(["passes", "quantize"], tmp_path)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
-    assert "quantize (plugin accelc.plugins.builtin" in text and "produces: onnx.qdq" in text
+    assert "quantize (plugin accelc.plugins.onnxruntime" in text and "produces: onnx.qdq" in text
     assert "calibration: calibration.data (optional)" in text
     from accelc.registry import default_registry
 

@@ -22,12 +22,20 @@ from torch import nn
 from accelc.artifacts import Artifact
 from accelc.build import prepare
 from accelc.cache import Store
-from accelc.errors import PassError
+from accelc.errors import PassError, RuntimeLoadError
 from accelc.executor import Executor
 from accelc.graph import unmet
 from accelc.host import Host
 from accelc.pass_api import PassContext
 from accelc.passes.cuda_graph import CudaGraph, graph_shapes
+from accelc.passes.cuda_graph_runtime import (
+    CONFIG_NAME,
+    RuntimeConfig,
+    RuntimeConfigRunner,
+    plan_chunks,
+    read_config,
+    write_config,
+)
 from accelc.passes.tensorrt import (
     SUPPORTED_TENSORRT,
     TrtEngine,
@@ -37,19 +45,10 @@ from accelc.passes.tensorrt import (
     optimization_profile,
     version_ok,
 )
-from accelc.passes.torch_runtime import Export, Script, ToHalf, Trace, example_batches
+from accelc.passes.torch_runtime import Export, Script, ToHalf, TorchRunner, Trace, example_batches
 from accelc.recipe import apply_defaults, schema_issues
 from accelc.registry import default_registry
-from accelc.runners import RunnerFactory, TorchRunner
-from accelc.runtime import (
-    CONFIG_NAME,
-    RuntimeConfig,
-    RuntimeConfigRunner,
-    RuntimeLoadError,
-    plan_chunks,
-    read_config,
-    write_config,
-)
+from accelc.runners import RunnerFactory
 from accelc.signature import InputSignature
 
 HAS_CUDA = torch.cuda.is_available()

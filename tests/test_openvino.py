@@ -18,10 +18,12 @@ from accelc.errors import PassError
 from accelc.graph import unmet
 from accelc.host import Host
 from accelc.pass_api import PassContext
-from accelc.passes.openvino import OpenVinoIR, layer_precisions
-from accelc.passes.quantization import quantize_model
+from accelc.passes.onnxruntime import ort_session
+from accelc.passes.openvino import OpenVinoIR, OpenVinoRunner, layer_precisions, openvino_trial_session
+from accelc.passes.quantizer import quantize_model
 from accelc.passes.sensitivity import Evaluator
-from accelc.runners import OpenVinoRunner, onnx_session, ort_session
+from accelc.registry import default_registry
+from accelc.runners import RunnerFactory
 
 OV = {"runtime": "openvino"}
 
@@ -119,13 +121,16 @@ def test_evaluator_scores_on_openvino(int8_build):
     x = np.load(tmp / "val.npz")["input"]
     ref = ort_session(qdq, 1).run(None, {"input": x})[0]
     ev_ort = Evaluator({"input": x}, ["input"], ref, batch=8, threads=1)
-    ev_ov = Evaluator({"input": x}, ["input"], ref, batch=8, threads=1, runtime="openvino")
+    ev_ov = Evaluator(
+        {"input": x}, ["input"], ref, batch=8, threads=1, runtime="openvino", session=openvino_trial_session
+    )
     assert ev_ort.metrics(qdq)["cosine"] > 0.99999  # ORT against itself
     # the same QDQ file on OpenVINO's CPU plugin runs as INT8 kernels, and agrees with ORT
-    assert layer_precisions(onnx_session(qdq, 1, "openvino").compiled) == {"u8": 3}
+    assert layer_precisions(openvino_trial_session(qdq, 1).compiled) == {"u8": 3}
     assert ev_ov.metrics(qdq)["cosine"] > 0.99
-    with pytest.raises(ValueError, match="no ONNX runtime 'tensorrt'"):
-        onnx_session(qdq, 1, "tensorrt")
+    factory = RunnerFactory(default_registry().runners, default_registry().runtimes)
+    with pytest.raises(PassError, match="runtime 'tensorrt' runs no ONNX trial sessions"):
+        factory.session(qdq, 1, runtime="tensorrt")
 
 
 def test_bad_onnx_file_is_a_pass_error_naming_it(tmp_path):
@@ -185,7 +190,7 @@ def test_float_node_inputs_float_drops_the_qdq_pair_in_front_of_float_nodes(tmp_
     # the Relu the quantizer folded into conv1's output range runs again in front of conv2
     assert _input_producer(flt, "conv2") == "Relu"
     # OpenVINO: conv1 stays an INT8 kernel (with a float output), conv2 float, fc INT8
-    assert layer_precisions(onnx_session(flt, 1, "openvino").compiled) == {"f32": 1, "u8": 2}
+    assert layer_precisions(openvino_trial_session(flt, 1).compiled) == {"f32": 1, "u8": 2}
 
 
 def test_openvino_runtime_defaults_float_node_inputs_unless_the_recipe_sets_it(tmp_path):
@@ -210,10 +215,10 @@ def test_ctrl_c_still_raises_keyboard_interrupt_after_openvino_ran(tmp_path):
     script = f"""
 import gc, signal
 import numpy as np
-from accelc.runners import onnx_session
+from accelc.passes.openvino import openvino_trial_session
 # two sessions alive at once, released first-in first-out (as side-by-side latency does)
-a = onnx_session({str(fp)!r}, 1, "openvino")
-b = onnx_session({str(fp)!r}, 1, "openvino")
+a = openvino_trial_session({str(fp)!r}, 1)
+b = openvino_trial_session({str(fp)!r}, 1)
 for s in (a, b):
     s.run({{"x": np.zeros((1, 3, 8, 8), np.float32)}})
 del s, a

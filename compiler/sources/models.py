@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import sha256_file
 from ..environment import package_version
 from ..errors import ModelSourceError
+from ..runners import scoped_sys_path
 from . import WEIGHTS_SCHEMA, ModelSource, load_state_dict_into, weights_identity
 
 _COMMON = {
@@ -111,7 +111,7 @@ class PythonSource(ModelSource):
     @staticmethod
     def _module_file(options: dict[str, Any]) -> Path:
         mod = options["callable"].split(":", 1)[0]
-        with _sys_path(options.get("path")):
+        with scoped_sys_path(options.get("path")):
             try:
                 spec = importlib.util.find_spec(mod)
             except (ModuleNotFoundError, ValueError):
@@ -137,7 +137,7 @@ class PythonSource(ModelSource):
 
         mod_name, attr = options["callable"].split(":", 1)
         self._module_file(options)
-        with _sys_path(options.get("path")):
+        with scoped_sys_path(options.get("path")):
             try:
                 obj: Any = importlib.import_module(mod_name)
             except Exception as e:
@@ -154,18 +154,3 @@ class PythonSource(ModelSource):
                 f"model.callable: {options['callable']}(...) raised {type(e).__name__}: {e}"
             ) from e
         return _finish(model, options, options["callable"])
-
-
-class _sys_path:
-    """Context manager that prepends ``path`` to ``sys.path`` (and keeps it for unpickling later)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-
-    def __enter__(self) -> None:
-        if self.path and self.path not in sys.path:
-            sys.path.insert(0, self.path)
-
-    def __exit__(self, *exc: object) -> None:
-        # Left in place on purpose: torch.load of a pickled module later needs the same import path.
-        return None

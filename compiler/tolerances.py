@@ -1,0 +1,77 @@
+"""The tolerance vocabulary, defined once: what a verified stage may be held to.
+
+A tolerance bounds one metric of :func:`accelc.passes.verification.compare_outputs` from
+below (``min``) or above (``max``). The recipe schema's ``$defs/tolerances``, the options
+of ``verify``, and the trial options of ``calibrate`` and ``quantize`` are all
+:data:`TOLERANCES_SCHEMA`, generated from :data:`TOLERANCES` (a test checks the recipe
+schema against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One tolerance: the metric it bounds, whether the metric must stay above (``min``) or below
+    (``max``) it, the bound's JSON Schema range, and what it means."""
+
+    metric: str
+    sense: str
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+#: tolerance name -> :class:`Tolerance`, in the order reports and quality keys use.
+TOLERANCES: dict[str, Tolerance] = {
+    "top1_agreement": Tolerance(
+        "top1_agreement", "min", "Minimum share of samples whose arg-max matches the source model.", 0, 1
+    ),
+    "cosine": Tolerance("cosine", "min", "Minimum mean cosine similarity of the output vectors.", -1, 1),
+    "max_abs_error": Tolerance("max_abs_error", "max", "Maximum absolute element-wise difference.", 0),
+    "mean_abs_error": Tolerance("mean_abs_error", "max", "", 0),
+    "accuracy_drop": Tolerance(
+        "accuracy_drop", "max", "Maximum drop of top-1 accuracy against labels (when the data has labels).", 0, 1
+    ),
+}
+
+
+def tolerances_schema() -> dict[str, Any]:
+    """The JSON Schema of a ``{tolerance name: bound}`` object, from :data:`TOLERANCES`."""
+    props: dict[str, Any] = {}
+    for name, t in TOLERANCES.items():
+        spec: dict[str, Any] = {"type": "number"}
+        if t.minimum is not None:
+            spec["minimum"] = t.minimum
+        if t.maximum is not None:
+            spec["maximum"] = t.maximum
+        if t.description:
+            spec["description"] = t.description
+        props[name] = spec
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Bounds a verified stage must meet against the source model on the validation set.",
+        "properties": props,
+    }
+
+
+TOLERANCES_SCHEMA: dict[str, Any] = tolerances_schema()
+
+
+def tolerance_failures(metrics: dict[str, Any], tolerances: dict[str, float]) -> list[str]:
+    """Human-readable lines for every tolerance the metrics miss (empty when all hold); a
+    tolerance whose metric is absent (``accuracy_drop`` without labels) is skipped."""
+    out = []
+    for name, bound in tolerances.items():
+        t = TOLERANCES[name]
+        if t.metric not in metrics:
+            continue
+        v = metrics[t.metric]
+        if (t.sense == "min" and v < bound) or (t.sense == "max" and v > bound):
+            rel = ">=" if t.sense == "min" else "<="
+            out.append(f"{t.metric} = {v:.6g}, required {rel} {bound:g}")
+    return out
