@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
 from .errors import AccelcError
 
 console = Console(stderr=True, highlight=False)
@@ -362,7 +363,7 @@ def plugins() -> None:
             if owned:
                 parts.append(f"{label}: {', '.join(owned)}")
         hooks = ", ".join(h.removeprefix("accelc_") for h in sorted(reg.hooks.get(name, [])))
-        t.add_row(name, dist or "(built-in)", hooks or "-", "; ".join(parts) or "-")
+        t.add_row(name, dist or f"accelc {__version__} (built-in)", hooks or "-", "; ".join(parts) or "-")
     out.print(t)
 
 

@@ -23,10 +23,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def build_report(ex: Executor, result: BuildResult, final_files: list[str]) -> dict[str, Any]:
-    """The ``report.json`` document. Stages are in execution order."""
+    """The ``report.json`` document. Stages are in execution order; plugins' ``accelc_report_sections``
+    are added under ``sections`` (left out when no plugin returns one).
+
+    Raises:
+        PluginError: a plugin's report-section hook failed or clashed with another's.
+    """
     g = ex.graph
     r = g.recipe
-    return {
+    report = {
         "recipe": {"name": r.name, "file": str(r.file), "sha256": sha256_file(r.file)},
         "target": g.target.name,
         "runtime": g.runtime,
@@ -58,6 +63,11 @@ def build_report(ex: Executor, result: BuildResult, final_files: list[str]) -> d
         "host": ex.host.describe(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    report_sections = getattr(ex.registry, "report_sections", None)
+    sections = report_sections(report, result.stages) if report_sections is not None else {}
+    if sections:
+        report["sections"] = sections
+    return report
 
 
 def build_lock(ex: Executor, result: BuildResult, report: dict[str, Any]) -> dict[str, Any]:
