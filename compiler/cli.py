@@ -122,6 +122,12 @@ _cache_opt = click.option(
     help="Artifact store (default: the user cache dir; env ACCELC_CACHE_DIR).",
 )
 _target_opt = click.option("--target", "-t", help="Override the recipe's target (see `accelc targets`).")
+_cache_url_opt = click.option(
+    "--cache-url",
+    envvar="ACCELC_CACHE_URL",
+    help="Shared remote cache behind the local one (s3://bucket/prefix, gs://..., file:///mount/...; "
+    "env ACCELC_CACHE_URL). Credentials and endpoint come from the environment (AWS_ENDPOINT_URL, ...).",
+)
 
 
 @main.command()
@@ -139,8 +145,15 @@ _target_opt = click.option("--target", "-t", help="Override the recipe's target 
     "--no-cache", is_flag=True, help="Rebuild every pass in a private store; the shared cache is not touched."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout when done.")
+@_cache_url_opt
 def build(
-    recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Path | None, no_cache: bool, as_json: bool
+    recipe: Path,
+    target: str | None,
+    out_dir: Path | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    as_json: bool,
+    cache_url: str | None,
 ) -> None:
     """Build RECIPE: run every pass (or reuse it from the cache), verify, benchmark.
 
@@ -154,7 +167,13 @@ def build(
 
     reporter = RichReporter(console)
     outcome = run_build(
-        recipe, target=target, out_dir=out_dir, cache_dir=cache_dir, no_cache=no_cache, reporter=reporter
+        recipe,
+        target=target,
+        out_dir=out_dir,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        reporter=reporter,
+        cache_url=cache_url,
     )
     rep = outcome.report
     table = Table(
@@ -192,12 +211,13 @@ def build(
     type=click.Path(file_okay=False, path_type=Path),
     help="Out dir whose accelc.lock explains why nodes are not cached.",
 )
-def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None) -> None:
+@_cache_url_opt
+def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None, cache_url: str | None) -> None:
     """Show RECIPE's pass graph in execution order: each node's inputs, cache key, whether it is
     cached, and whether it can run on this host (and if not, why). Runs nothing."""
     from .build import plan as run_plan
 
-    graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir)
+    graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir, cache_url=cache_url)
     t = Table(
         title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
         title_justify="left",
@@ -408,8 +428,13 @@ def cache_clear(cache_dir: Path | None, yes: bool) -> None:
 
 @cache.command("verify")
 @_cache_opt
-def cache_verify(cache_dir: Path | None) -> None:
+@_cache_url_opt
+@click.option("--remote", is_flag=True, help="Verify the remote cache (--cache-url) instead of the local one.")
+def cache_verify(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
     """Re-hash every entry; exit 6 if any is corrupt (a build would rebuild it)."""
+    if remote:
+        _remote_verify(cache_url)
+        return
     store = _store(cache_dir)
     bad = store.verify_all()
     for key, problem in bad:
@@ -445,6 +470,74 @@ def cache_gc(cache_dir: Path | None, max_mib: float | None) -> None:
         f"evicted {len(evicted)} entries, {(before - after) / 2**20:.2f} MiB; "
         f"{len(store.list())} entries, {after / 2**20:.2f} MiB left"
     )
+
+
+# -- remote cache commands (accelc.remote) ---------------------------------------------------------
+def _remote(cache_url: str | None) -> Any:
+    from .remote import RemoteStore
+
+    if not cache_url:
+        raise click.UsageError("give --cache-url URL or set ACCELC_CACHE_URL")
+    return RemoteStore(cache_url)
+
+
+def _remote_verify(cache_url: str | None) -> None:
+    from .remote import display_url
+
+    remote = _remote(cache_url)
+    checked, problems = remote.verify()
+    for p in problems:
+        out.print(f"[red]corrupt[/] {p.key[:12]}: {escape(p.problem)}", soft_wrap=True)
+    out.print(
+        f"{checked} remote entries checked at {escape(display_url(remote.url))}, {len(problems)} corrupt",
+        soft_wrap=True,
+    )
+    if problems:
+        sys.exit(6)
+
+
+@cache.command("push")
+@_cache_opt
+@_cache_url_opt
+@click.option("--remote", is_flag=True, default=True, hidden=True, help="Accepted for symmetry with verify.")
+def cache_push(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
+    """Upload every local entry the remote cache (--cache-url) lacks; each is re-hashed first."""
+    from .errors import CorruptEntryError
+
+    rs, store = _remote(cache_url), _store(cache_dir)
+    sent = bad = 0
+    for e in store.list():
+        try:
+            sent += rs.push(e.key, store)
+        except CorruptEntryError as err:
+            bad += 1
+            out.print(f"[red]corrupt[/] {e.key[:12]}: {escape(str(err))} (not uploaded)", soft_wrap=True)
+    out.print(f"uploaded {sent} entries, {bad} corrupt local entries skipped")
+    if bad:
+        sys.exit(6)
+
+
+@cache.command("pull")
+@_cache_opt
+@_cache_url_opt
+@click.option("--remote", is_flag=True, default=True, hidden=True, help="Accepted for symmetry with verify.")
+def cache_pull(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
+    """Download every remote entry the local cache lacks; each is checked against its digests."""
+    from .errors import CorruptEntryError
+
+    rs, store = _remote(cache_url), _store(cache_dir)
+    got = bad = 0
+    for key in rs.keys():
+        if store.lookup(key) is not None:
+            continue
+        try:
+            got += rs.fetch(key, store) is not None
+        except CorruptEntryError as err:
+            bad += 1
+            out.print(f"[red]refused[/] {key[:12]}: {escape(str(err))}", soft_wrap=True)
+    out.print(f"downloaded {got} entries, {bad} refused")
+    if bad:
+        sys.exit(6)
 
 
 @main.command()
