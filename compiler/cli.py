@@ -130,15 +130,25 @@ _cache_url_opt = click.option(
 )
 
 
+_executor_opt = click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: every pass on this machine; ray: every pass as a Ray task on a cluster node with what it "
+    "needs (GPU passes on a GPU of the target's type). Needs the [cluster] extra.",
+)
+
+
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_target_opt
 @click.option(
     "--out",
     "-o",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory (default: build/<recipe name>).",
+    help="Output directory (default: build/<recipe name>; with several recipes: OUT/<recipe file stem>).",
 )
 @_cache_opt
 @click.option(
@@ -146,58 +156,92 @@ _cache_url_opt = click.option(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout when done.")
 @_cache_url_opt
+@_executor_opt
+@click.option(
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    help="Ray cluster to run on with --executor ray (host:6379, ray://host:10001 or auto; env RAY_ADDRESS). "
+    "Default: a local Ray instance.",
+)
 def build(
-    recipe: Path,
+    recipes: tuple[Path, ...],
     target: str | None,
     out_dir: Path | None,
     cache_dir: Path | None,
     no_cache: bool,
     as_json: bool,
     cache_url: str | None,
+    executor: str,
+    ray_address: str | None,
 ) -> None:
-    """Build RECIPE: run every pass (or reuse it from the cache), verify, benchmark.
+    """Build RECIPE...: run every pass (or reuse it from the cache), verify, benchmark.
 
     \b
     The out dir receives the final artifact (e.g. model.onnx), report.json,
     report.md and accelc.lock (every node's cache key and digest, package
     versions, host). Exit codes: 0 ok, 2 bad recipe/input, 3 a pass needs
     hardware this host lacks, 4 a pass failed, 5 verification failed.
+    With --executor ray, several recipes share their common upstream nodes.
     """
     from .build import build as run_build
 
     reporter = RichReporter(console)
-    outcome = run_build(
-        recipe,
-        target=target,
-        out_dir=out_dir,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        reporter=reporter,
-        cache_url=cache_url,
-    )
-    rep = outcome.report
-    table = Table(
-        title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}", title_justify="left"
-    )
-    for col in ("stage", "status", "cached", "s", "result"):
-        table.add_column(col, overflow="fold")
-    for s in rep["stages"]:
-        table.add_row(
-            escape(s["node"]),
-            s["status"],
-            "yes" if s["cached"] else "no",
-            f"{s['seconds']:.2f}",
-            _summary(s["metrics"]),
-        )
-    console.print(table)
-    if as_json:
-        out.print_json(json.dumps(rep, default=str))
-    if outcome.ok:
-        console.print(
-            f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
+    if executor == "ray":
+        if no_cache:
+            raise click.UsageError("--no-cache does not apply to --executor ray (the workers share the cache)")
+        from .ray_executor import build_on_ray
+
+        outcomes = build_on_ray(
+            list(recipes),
+            target=target,
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            cache_url=cache_url,
+            ray_address=ray_address,
+            reporter=reporter,
         )
     else:
-        _fail(outcome.result.failure)  # type: ignore[arg-type]
+        outcomes = [
+            run_build(
+                recipe,
+                target=target,
+                out_dir=(out_dir / recipe.stem if out_dir and len(recipes) > 1 else out_dir),
+                cache_dir=cache_dir,
+                no_cache=no_cache,
+                reporter=reporter,
+                cache_url=cache_url,
+            )
+            for recipe in recipes
+        ]
+    for outcome in outcomes:
+        rep = outcome.report
+        table = Table(
+            title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}",
+            title_justify="left",
+        )
+        cols = ["stage", "status", "cached", "s", "result"]
+        cluster = any(s.get("ran_on") for s in rep["stages"])
+        for col in cols + (["ran on"] if cluster else []):
+            table.add_column(col, overflow="fold")
+        for s in rep["stages"]:
+            table.add_row(
+                escape(s["node"]),
+                s["status"],
+                "yes" if s["cached"] else "no",
+                f"{s['seconds']:.2f}",
+                _summary(s["metrics"]),
+                *([escape(s.get("ran_on") or "-")] if cluster else []),
+            )
+        console.print(table)
+        if as_json:
+            out.print_json(json.dumps(rep, default=str))
+        if outcome.ok:
+            console.print(
+                f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
+            )
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        _fail(failed[0].result.failure)  # type: ignore[arg-type]
 
 
 @main.command()
@@ -212,12 +256,19 @@ def build(
     help="Out dir whose accelc.lock explains why nodes are not cached.",
 )
 @_cache_url_opt
-def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None, cache_url: str | None) -> None:
+@_executor_opt
+def plan(
+    recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None, cache_url: str | None, executor: str
+) -> None:
     """Show RECIPE's pass graph in execution order: each node's inputs, cache key, whether it is
-    cached, and whether it can run on this host (and if not, why). Runs nothing."""
+    cached, and whether it can run on this host (and if not, why). Runs nothing. With
+    --executor ray: what each node's Ray task asks for instead of this host's capabilities."""
     from .build import plan as run_plan
 
     graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir, cache_url=cache_url)
+    if executor == "ray":
+        _plan_ray(graph, nodes)
+        return
     t = Table(
         title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
         title_justify="left",
@@ -247,6 +298,30 @@ def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path
         )
         for c, d in found.items():
             out.print(f"  missing [bold]{escape(c)}[/]: {escape(d)}")
+
+
+def _plan_ray(graph: Any, nodes: Any) -> None:
+    """``accelc plan --executor ray``: each node's key, cache status and Ray resources."""
+    from .ray_executor import plan_resources
+    from .registry import default_registry
+
+    res = plan_resources(graph, default_registry())
+    t = Table(title=f"{graph.recipe.name}: target {graph.target.name} on a Ray cluster", title_justify="left")
+    for col in ("#", "node", "inputs", "produces", "key", "status", "Ray task needs"):
+        t.add_column(col, overflow="fold")
+    for i, pn in enumerate(nodes, 1):
+        n = graph.by_id[pn.id]
+        status = "cached" if pn.status == "cached" else "run"
+        t.add_row(
+            str(i),
+            escape(pn.id) + (" [bold](final)[/]" if pn.id == graph.final else ""),
+            escape(", ".join(n.inputs.values())),
+            n.produces,
+            pn.key[:12],
+            status,
+            escape(res[pn.id].describe()),
+        )
+    out.print(t)
 
 
 @main.command()
