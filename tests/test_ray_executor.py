@@ -112,7 +112,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cluster_build_matches_local_and_gpu_pass_runs_on_the_t4_worker(cluster, reliability_project, registry, tmp_path):
+def test_cluster_build_matches_local_and_gpu_pass_runs_on_the_t4_worker(
+    cluster, reliability_project, registry, tmp_path
+):
     from accelc.ray_executor import build_on_ray
     from accelc.remote import RemoteStore
 
