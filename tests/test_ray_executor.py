@@ -191,3 +191,37 @@ def test_worker_killed_mid_task_is_retried_and_leaves_a_clean_cache(cluster, rel
         assert store.verify_all() == []
         assert not [d for d in store.entries.iterdir() if store.lookup(d.name) is None]  # no partial entry
     assert RemoteStore(cluster["remote"]).verify()[1] == []
+
+
+@pytest.mark.slow
+def test_cli_build_executor_ray_several_recipes(cluster, reliability_project, tmp_path, monkeypatch):
+    """``accelc build --executor ray A B`` (the cluster's remote as ACCELC_CACHE_URL): one out dir per
+    recipe, a "ran on" column, and each stage's node in report.json."""
+    import json
+
+    from ray_test_passes import RayTestPlugin
+
+    import accelc.build
+
+    def with_test_passes():
+        pm = make_plugin_manager(load_entry_points=False)
+        pm.register(RayTestPlugin(), name="raytest")
+        return build_registry(pm)
+
+    monkeypatch.setattr(accelc.build, "default_registry", with_test_passes)
+    a = _cpu_recipe(reliability_project, tmp_path, "cli_a")
+    b = _t4_recipe(reliability_project, tmp_path, "cli_b")
+    r = CliRunner().invoke(
+        main,
+        ["build", "--executor", "ray", str(a), str(b), "--out", str(tmp_path / "out"),
+         "--cache-dir", str(tmp_path / "driver")],
+        env={"ACCELC_CACHE_URL": cluster["remote"]},
+    )
+    assert r.exit_code == 0, r.output
+    assert "ran on" in r.output
+    for name, final in (("cli_a", "model.onnx"), ("cli_b", "model.engine")):
+        rep = json.loads((tmp_path / "out" / name / "report.json").read_text())
+        assert (tmp_path / "out" / name / final).is_file()
+        assert all(s["ran_on"] for s in rep["stages"]) and rep["remote_cache"]["url"] == cluster["remote"]
+    r = CliRunner().invoke(main, ["build", "--executor", "ray", "--no-cache", str(a)])
+    assert r.exit_code == 2 and "--no-cache" in r.output
