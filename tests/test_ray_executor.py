@@ -209,7 +209,8 @@ def test_cli_build_executor_ray_several_recipes(cluster, reliability_project, tm
         return build_registry(pm)
 
     monkeypatch.setattr(accelc.build, "default_registry", with_test_passes)
-    a = _cpu_recipe(reliability_project, tmp_path, "cli_a")
+    # benchmark's key names the CPU it ran on: it is keyed with a probed node's facts and pinned there
+    a = reliability_project.write_recipe(tmp_path, "cli_a")
     b = _t4_recipe(reliability_project, tmp_path, "cli_b")
     r = CliRunner().invoke(
         main,
@@ -223,5 +224,8 @@ def test_cli_build_executor_ray_several_recipes(cluster, reliability_project, tm
         rep = json.loads((tmp_path / "out" / name / "report.json").read_text())
         assert (tmp_path / "out" / name / final).is_file()
         assert all(s["ran_on"] for s in rep["stages"]) and rep["remote_cache"]["url"] == cluster["remote"]
+        if name == "cli_a":
+            bench = next(s for s in rep["stages"] if s["pass"] == "benchmark")
+            assert bench["status"] == "ok" and "1" in bench["metrics"]["batch"]
     r = CliRunner().invoke(main, ["build", "--executor", "ray", "--no-cache", str(a)])
     assert r.exit_code == 2 and "--no-cache" in r.output
