@@ -70,10 +70,12 @@ def plan(
     out_dir: str | Path | None = None,
     host: Host | None = None,
     registry: Any = None,
+    cache_url: str | None = None,
 ) -> tuple[PassGraph, list[PlannedNode]]:
-    """The graph and each node's key and status, with reasons relative to the out dir's last lock."""
+    """The graph and each node's key and status, with reasons relative to the out dir's last lock.
+    With ``cache_url`` an entry on the remote cache counts as cached (nothing is downloaded)."""
     graph, registry = prepare(recipe_path, target, registry)
-    store = Store(cache_dir or default_root())
+    store = _open_store(cache_dir or default_root(), cache_url, None, download=False)
     ex = Executor(graph, registry, store, host or Host())
     previous = read_lock(Path(out_dir) if out_dir else default_out_dir(graph))
     return graph, ex.plan(previous)
@@ -89,6 +91,7 @@ def build(
     host: Host | None = None,
     registry: Any = None,
     cache_max_bytes: int | None = None,
+    cache_url: str | None = None,
 ) -> BuildOutcome:
     """Build a recipe. The out dir gets the final artifact, ``report.json``, ``report.md`` and
     ``accelc.lock``; on failure it gets the reports (status ``failed``) and no artifact.
@@ -96,7 +99,8 @@ def build(
     With ``no_cache`` the build uses a private, temporary store: nothing is read from or
     written to the shared cache. ``cache_max_bytes`` (default: ``$ACCELC_CACHE_MAX_MIB``)
     bounds the shared store: after the build, least-recently-used entries are evicted until
-    it fits, never the ones this build used.
+    it fits, never the ones this build used. ``cache_url`` (an fsspec URL, see
+    :mod:`accelc.remote`) puts a shared remote cache behind the local one; ``no_cache`` ignores it.
 
     Raises:
         RecipeError, GraphError: before anything runs. DataError, ModelSourceError: a source
@@ -116,7 +120,7 @@ def build(
                 tmp_store = Path(tempfile.mkdtemp(prefix="accelc-nocache-"))
             except OSError as e:
                 raise OutputError(f"cannot create a private store for --no-cache: {e}") from e
-        store = Store(tmp_store or cache_dir or default_root())
+        store = _open_store(tmp_store or cache_dir or default_root(), None if no_cache else cache_url, reporter)
         ex = Executor(graph, registry, store, host or Host(), reporter)  # source identities: may raise
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,7 @@ def _publish(ex: Executor, result: BuildResult, out: Path) -> dict[str, Any]:
                 if name not in files and (out / name).is_file():
                     (out / name).unlink()
             report = build_report(ex, result, files)
+            report.update(_remote_section(ex.store))
             write_outputs(out, report, build_lock(ex, result, report))
             return report
     except OSError as e:
@@ -158,6 +163,26 @@ def _publish(ex: Executor, result: BuildResult, out: Path) -> dict[str, Any]:
             (out / f".{name}.tmp").unlink(missing_ok=True)  # accelc.report's temporary names
         what = "disk full" if is_no_space(e) else (e.strerror or str(e))
         raise OutputError(f"cannot write the build's outputs into {out}: {what}; no lock file was left there") from e
+
+
+# -- remote cache seam (accelc.remote; fsspec is imported only when a URL is given) ------------
+def _open_store(root: str | Path, cache_url: str | None, reporter: Reporter | None, download: bool = True) -> Store:
+    if not cache_url:
+        return Store(root)
+    from .remote import open_store
+
+    return open_store(root, cache_url, notice=reporter.notice if reporter else None, download=download)
+
+
+def _remote_section(store: Store) -> dict[str, Any]:
+    """``{"remote_cache": {url, remote_hits, uploads, refused}}`` for a tiered store (the URL without
+    credentials), else nothing."""
+    remote = getattr(store, "remote", None)
+    if remote is None:
+        return {}
+    from .remote import display_url
+
+    return {"remote_cache": {"url": display_url(remote.url), **store.stats}}  # type: ignore[attr-defined]
 
 
 __all__ = ["AccelcError", "BuildOutcome", "OutputError", "build", "plan", "prepare"]

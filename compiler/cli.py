@@ -123,63 +123,126 @@ _cache_opt = click.option(
     help="Artifact store (default: the user cache dir; env ACCELC_CACHE_DIR).",
 )
 _target_opt = click.option("--target", "-t", help="Override the recipe's target (see `accelc targets`).")
+_cache_url_opt = click.option(
+    "--cache-url",
+    envvar="ACCELC_CACHE_URL",
+    help="Shared remote cache behind the local one (s3://bucket/prefix, gs://..., file:///mount/...; "
+    "env ACCELC_CACHE_URL). Credentials and endpoint come from the environment (AWS_ENDPOINT_URL, ...).",
+)
+
+
+_executor_opt = click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: every pass on this machine; ray: every pass as a Ray task on a cluster node with what it "
+    "needs (GPU passes on a GPU of the target's type). Needs the [cluster] extra.",
+)
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_target_opt
 @click.option(
     "--out",
     "-o",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory (default: build/<recipe name>).",
+    help="Output directory (default: build/<recipe name>; with several recipes: OUT/<recipe file stem>).",
 )
 @_cache_opt
 @click.option(
     "--no-cache", is_flag=True, help="Rebuild every pass in a private store; the shared cache is not touched."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout when done.")
+@_cache_url_opt
+@_executor_opt
+@click.option(
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    help="Ray cluster to run on with --executor ray (host:6379, ray://host:10001 or auto; env RAY_ADDRESS). "
+    "Default: a local Ray instance.",
+)
 def build(
-    recipe: Path, target: str | None, out_dir: Path | None, cache_dir: Path | None, no_cache: bool, as_json: bool
+    recipes: tuple[Path, ...],
+    target: str | None,
+    out_dir: Path | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    as_json: bool,
+    cache_url: str | None,
+    executor: str,
+    ray_address: str | None,
 ) -> None:
-    """Build RECIPE: run every pass (or reuse it from the cache), verify, benchmark.
+    """Build RECIPE...: run every pass (or reuse it from the cache), verify, benchmark.
 
     \b
     The out dir receives the final artifact (e.g. model.onnx), report.json,
     report.md and accelc.lock (every node's cache key and digest, package
     versions, host). Exit codes: 0 ok, 2 bad recipe/input, 3 a pass needs
     hardware this host lacks, 4 a pass failed, 5 verification failed.
+    With --executor ray, several recipes share their common upstream nodes.
     """
     from .build import build as run_build
 
     reporter = RichReporter(console)
-    outcome = run_build(
-        recipe, target=target, out_dir=out_dir, cache_dir=cache_dir, no_cache=no_cache, reporter=reporter
-    )
-    rep = outcome.report
-    table = Table(
-        title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}", title_justify="left"
-    )
-    for col in ("stage", "status", "cached", "s", "result"):
-        table.add_column(col, overflow="fold")
-    for s in rep["stages"]:
-        table.add_row(
-            escape(s["node"]),
-            s["status"],
-            "yes" if s["cached"] else "no",
-            f"{s['seconds']:.2f}",
-            _summary(s["metrics"]),
-        )
-    console.print(table)
-    if as_json:
-        out.print_json(json.dumps(rep, default=str))
-    if outcome.ok:
-        console.print(
-            f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
+    if executor == "ray":
+        if no_cache:
+            raise click.UsageError("--no-cache does not apply to --executor ray (the workers share the cache)")
+        from .ray_executor import build_on_ray
+
+        outcomes = build_on_ray(
+            list(recipes),
+            target=target,
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            cache_url=cache_url,
+            ray_address=ray_address,
+            reporter=reporter,
         )
     else:
-        _fail(outcome.result.failure)  # type: ignore[arg-type]
+        outcomes = [
+            run_build(
+                recipe,
+                target=target,
+                out_dir=(out_dir / recipe.stem if out_dir and len(recipes) > 1 else out_dir),
+                cache_dir=cache_dir,
+                no_cache=no_cache,
+                reporter=reporter,
+                cache_url=cache_url,
+            )
+            for recipe in recipes
+        ]
+    for outcome in outcomes:
+        rep = outcome.report
+        table = Table(
+            title=f"{rep['recipe']['name']} → {rep['target']}/{rep['runtime']}/{rep['precision']}",
+            title_justify="left",
+        )
+        cols = ["stage", "status", "cached", "s", "result"]
+        cluster = any(s.get("ran_on") for s in rep["stages"])
+        for col in cols + (["ran on"] if cluster else []):
+            table.add_column(col, overflow="fold")
+        for s in rep["stages"]:
+            table.add_row(
+                escape(s["node"]),
+                s["status"],
+                "yes" if s["cached"] else "no",
+                f"{s['seconds']:.2f}",
+                _summary(s["metrics"]),
+                *([escape(s.get("ran_on") or "-")] if cluster else []),
+            )
+        console.print(table)
+        if as_json:
+            out.print_json(json.dumps(rep, default=str))
+        if outcome.ok:
+            console.print(
+                f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
+            )
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        _fail(failed[0].result.failure)  # type: ignore[arg-type]
 
 
 @main.command()
@@ -193,12 +256,20 @@ def build(
     type=click.Path(file_okay=False, path_type=Path),
     help="Out dir whose accelc.lock explains why nodes are not cached.",
 )
-def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None) -> None:
+@_cache_url_opt
+@_executor_opt
+def plan(
+    recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path | None, cache_url: str | None, executor: str
+) -> None:
     """Show RECIPE's pass graph in execution order: each node's inputs, cache key, whether it is
-    cached, and whether it can run on this host (and if not, why). Runs nothing."""
+    cached, and whether it can run on this host (and if not, why). Runs nothing. With
+    --executor ray: what each node's Ray task asks for instead of this host's capabilities."""
     from .build import plan as run_plan
 
-    graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir)
+    graph, nodes = run_plan(recipe, target=target, cache_dir=cache_dir, out_dir=out_dir, cache_url=cache_url)
+    if executor == "ray":
+        _plan_ray(graph, nodes)
+        return
     t = Table(
         title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
         title_justify="left",
@@ -228,6 +299,30 @@ def plan(recipe: Path, target: str | None, cache_dir: Path | None, out_dir: Path
         )
         for c, d in found.items():
             out.print(f"  missing [bold]{escape(c)}[/]: {escape(d)}")
+
+
+def _plan_ray(graph: Any, nodes: Any) -> None:
+    """``accelc plan --executor ray``: each node's key, cache status and Ray resources."""
+    from .ray_executor import plan_resources
+    from .registry import default_registry
+
+    res = plan_resources(graph, default_registry())
+    t = Table(title=f"{graph.recipe.name}: target {graph.target.name} on a Ray cluster", title_justify="left")
+    for col in ("#", "node", "inputs", "produces", "key", "status", "Ray task needs"):
+        t.add_column(col, overflow="fold")
+    for i, pn in enumerate(nodes, 1):
+        n = graph.by_id[pn.id]
+        status = "cached" if pn.status == "cached" else "run"
+        t.add_row(
+            str(i),
+            escape(pn.id) + (" [bold](final)[/]" if pn.id == graph.final else ""),
+            escape(", ".join(n.inputs.values())),
+            n.produces,
+            pn.key[:12],
+            status,
+            escape(res[pn.id].describe()),
+        )
+    out.print(t)
 
 
 @main.command()
@@ -415,8 +510,13 @@ def cache_clear(cache_dir: Path | None, yes: bool) -> None:
 
 @cache.command("verify")
 @_cache_opt
-def cache_verify(cache_dir: Path | None) -> None:
+@_cache_url_opt
+@click.option("--remote", is_flag=True, help="Verify the remote cache (--cache-url) instead of the local one.")
+def cache_verify(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
     """Re-hash every entry; exit 6 if any is corrupt (a build would rebuild it)."""
+    if remote:
+        _remote_verify(cache_url)
+        return
     store = _store(cache_dir)
     bad = store.verify_all()
     for key, problem in bad:
@@ -452,6 +552,74 @@ def cache_gc(cache_dir: Path | None, max_mib: float | None) -> None:
         f"evicted {len(evicted)} entries, {(before - after) / 2**20:.2f} MiB; "
         f"{len(store.list())} entries, {after / 2**20:.2f} MiB left"
     )
+
+
+# -- remote cache commands (accelc.remote) ---------------------------------------------------------
+def _remote(cache_url: str | None) -> Any:
+    from .remote import RemoteStore
+
+    if not cache_url:
+        raise click.UsageError("give --cache-url URL or set ACCELC_CACHE_URL")
+    return RemoteStore(cache_url)
+
+
+def _remote_verify(cache_url: str | None) -> None:
+    from .remote import display_url
+
+    remote = _remote(cache_url)
+    checked, problems = remote.verify()
+    for p in problems:
+        out.print(f"[red]corrupt[/] {p.key[:12]}: {escape(p.problem)}", soft_wrap=True)
+    out.print(
+        f"{checked} remote entries checked at {escape(display_url(remote.url))}, {len(problems)} corrupt",
+        soft_wrap=True,
+    )
+    if problems:
+        sys.exit(6)
+
+
+@cache.command("push")
+@_cache_opt
+@_cache_url_opt
+@click.option("--remote", is_flag=True, default=True, hidden=True, help="Accepted for symmetry with verify.")
+def cache_push(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
+    """Upload every local entry the remote cache (--cache-url) lacks; each is re-hashed first."""
+    from .errors import CorruptEntryError
+
+    rs, store = _remote(cache_url), _store(cache_dir)
+    sent = bad = 0
+    for e in store.list():
+        try:
+            sent += rs.push(e.key, store)
+        except CorruptEntryError as err:
+            bad += 1
+            out.print(f"[red]corrupt[/] {e.key[:12]}: {escape(str(err))} (not uploaded)", soft_wrap=True)
+    out.print(f"uploaded {sent} entries, {bad} corrupt local entries skipped")
+    if bad:
+        sys.exit(6)
+
+
+@cache.command("pull")
+@_cache_opt
+@_cache_url_opt
+@click.option("--remote", is_flag=True, default=True, hidden=True, help="Accepted for symmetry with verify.")
+def cache_pull(cache_dir: Path | None, cache_url: str | None, remote: bool) -> None:
+    """Download every remote entry the local cache lacks; each is checked against its digests."""
+    from .errors import CorruptEntryError
+
+    rs, store = _remote(cache_url), _store(cache_dir)
+    got = bad = 0
+    for key in rs.keys():
+        if store.lookup(key) is not None:
+            continue
+        try:
+            got += rs.fetch(key, store) is not None
+        except CorruptEntryError as err:
+            bad += 1
+            out.print(f"[red]refused[/] {key[:12]}: {escape(str(err))}", soft_wrap=True)
+    out.print(f"downloaded {got} entries, {bad} refused")
+    if bad:
+        sys.exit(6)
 
 
 @main.command()

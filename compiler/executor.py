@@ -103,6 +103,7 @@ class Stage:
     metrics: dict[str, Any]
     status: str = "ok"
     error: str | None = None
+    ran_on: str | None = None  # the cluster node that ran it (accelc.ray_executor); None for a local build
 
 
 @dataclass
@@ -115,7 +116,15 @@ class BuildResult:
 class Executor:
     """Plans and runs one pass graph on one host against one store."""
 
-    def __init__(self, graph: PassGraph, registry: Any, store: Store, host: Any, reporter: Reporter | None = None):
+    def __init__(
+        self,
+        graph: PassGraph,
+        registry: Any,
+        store: Store,
+        host: Any,
+        reporter: Reporter | None = None,
+        keys: dict[str, tuple[str, dict[str, Any]]] | None = None,
+    ):
         self.graph = graph
         self.registry = registry
         self.store = store
@@ -124,7 +133,10 @@ class Executor:
         self.runners = RunnerFactory(registry.runners, registry.runtimes)
         self._verified: dict[str, Artifact] = {}
         self._keys: dict[str, tuple[str, dict[str, Any]]] = {}
-        self.compute_keys()
+        if keys is not None:  # computed elsewhere (a Ray task gets its driver's keys: accelc.ray_executor)
+            self._keys = dict(keys)
+        else:
+            self.compute_keys()
 
     # -- keys and plan --------------------------------------------------------------------------
     def compute_keys(self) -> None:
@@ -135,13 +147,21 @@ class Executor:
                 "pass": node.pass_name,
                 "version": p.version,
                 "code": pass_code_digest(type(p)),
-                "material": p.key_material(node.options, self.host, self.registry),
+                "material": p.key_material(node.options, self.host_for(node), self.registry),
                 "inputs": {slot: self._keys[up][0] for slot, up in sorted(node.inputs.items())},
                 "signature": sig,
                 "packages": package_versions(p.env_packages),
             }
             key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
             self._keys[node.id] = (key, material)
+
+    def host_for(self, node: Any) -> Any:
+        """The host whose facts enter ``node``'s key (this one; a cluster executor names the node's machine)."""
+        return self.host
+
+    def keys(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Node id -> ``(key, key material)`` for every node."""
+        return dict(self._keys)
 
     def key(self, node_id: str) -> str:
         return self._keys[node_id][0]

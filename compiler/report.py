@@ -57,6 +57,7 @@ def build_report(ex: Executor, result: BuildResult, final_files: list[str]) -> d
                 "artifact": {"kind": s.kind, "key": s.key, "digest": s.digest},
                 "metrics": s.metrics,
                 **({"error": s.error} if s.error else {}),
+                **({"ran_on": s.ran_on} if getattr(s, "ran_on", None) else {}),
             }
             for s in result.stages
         ],

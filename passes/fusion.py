@@ -99,7 +99,9 @@ class FuseModules(Pass):
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         import torch
 
-        model = torch.load(inputs["model"].file, map_location="cpu", weights_only=False).eval()
+        from accelc.passes.torch_runtime import load_module
+
+        model = load_module(inputs["model"])  # its pythonpath first: a fresh process has not imported the model
         try:
             fused, folded = fold_conv_bn(model)
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError...

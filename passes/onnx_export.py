@@ -78,7 +78,9 @@ class ExportOnnx(Pass):
         import onnx
         import torch
 
-        model = torch.load(inputs["model"].file, map_location="cpu", weights_only=False).eval()
+        from accelc.passes.torch_runtime import load_module
+
+        model = load_module(inputs["model"])  # its pythonpath first: a fresh process has not imported the model
         sig = ctx.signature
         args, dyn_shapes, dyn_axes = [], [], {}
         for spec in sig.inputs:
