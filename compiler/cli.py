@@ -439,27 +439,32 @@ def plugins() -> None:
     from .registry import default_registry
 
     reg = default_registry()
-    t = Table(title="plugins")
-    for col in ("plugin", "distribution", "hooks", "registers"):
-        t.add_column(col, overflow="fold")
     cats = (
         ("passes", "passes"),
         ("targets", "targets"),
         ("runtimes", "runtimes"),
-        ("kinds", "kinds"),
+        ("kinds", "artifact kinds"),
         ("capabilities", "capabilities"),
         ("model_sources", "model sources"),
         ("data_sources", "data sources"),
     )
-    for name, dist in reg.plugins.items():
-        parts = []
+    # One block per plugin (a table squeezes four columns into 80 and cuts names mid-word).
+    width = max(len(label) for _, label in cats + (("", "hooks"),))
+    for name, dist in sorted(reg.plugins.items()):
+        out.print(f"[bold]{name}[/bold]  {dist or f'accelc {__version__} (built-in)'}", highlight=False)
+        hooks = ", ".join(h.removeprefix("accelc_") for h in sorted(reg.hooks.get(name, [])))
+        rows = [("hooks", hooks or "-")]
         for cat, label in cats:
             owned = sorted(n for (c, n), p in reg.origin.items() if c == cat and p == name)
             if owned:
-                parts.append(f"{label}: {', '.join(owned)}")
-        hooks = ", ".join(h.removeprefix("accelc_") for h in sorted(reg.hooks.get(name, [])))
-        t.add_row(name, dist or f"accelc {__version__} (built-in)", hooks or "-", "; ".join(parts) or "-")
-    out.print(t)
+                rows.append((label, ", ".join(owned)))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=width + 2, no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        for label, text in rows:
+            grid.add_row(f"  {label}", text)
+        out.print(grid)
+        out.print()
 
 
 @main.group()
