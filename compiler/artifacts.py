@@ -20,6 +20,8 @@ torch.exported       ``model.pt2``
 trt.engine           ``model.engine``: serialized TensorRT engine
 trt.timing_cache     ``timing.cache``: serialized TensorRT timing cache (empty: no timings yet)
 runtime.config       ``runtime.json``: how the loader rebuilds the runtime (CUDA graphs, ...)
+torch_tensorrt.exported ``model.ep``: Torch-TensorRT ExportedProgram with embedded engines
+ort.session          ``session.json``: ONNX Runtime GPU providers, next to ``model.onnx``
 ==================== ===========================================================
 """
 
@@ -43,6 +45,8 @@ RUNNABLE_KINDS: tuple[str, ...] = (
     "openvino.ir",
     "trt.engine",
     "runtime.config",
+    "torch_tensorrt.exported",
+    "ort.session",
 )
 #: Kinds that record measurements rather than a deployable model.
 REPORT_KINDS: tuple[str, ...] = ("verification.report", "benchmark.report")

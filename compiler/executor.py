@@ -369,8 +369,8 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
 #: Artifact kinds by the container format of their primary file (see :mod:`accelc.artifacts`).
 ONNX_KINDS = ("onnx", "onnx.qdq")
 NPZ_KINDS = ("calibration.data", "validation.data", "reference.outputs")
-JSON_KINDS = ("calibration.table", "verification.report", "benchmark.report", "runtime.config")
-TORCH_ZIP_KINDS = ("torch.module", "torchscript", "torch.exported")
+JSON_KINDS = ("calibration.table", "verification.report", "benchmark.report", "runtime.config", "ort.session")
+TORCH_ZIP_KINDS = ("torch.module", "torchscript", "torch.exported", "torch_tensorrt.exported")
 
 
 def _first_line(e: BaseException) -> str:

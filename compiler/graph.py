@@ -24,6 +24,8 @@ KIND_REQUIRES: dict[str, tuple[str, ...]] = {
     "trt.engine": ("cuda", "tensorrt"),
     "runtime.config": ("cuda",),
     "openvino.ir": ("openvino",),
+    "torch_tensorrt.exported": ("cuda", "tensorrt"),
+    "ort.session": ("cuda",),
 }
 #: Quantize format options a runtime wants unless the recipe sets them: OpenVINO runs the
 #: producer of a float node's input as an INT8 kernel with a float output when no Q/DQ pair
@@ -31,7 +33,8 @@ KIND_REQUIRES: dict[str, tuple[str, ...]] = {
 RUNTIME_QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {"openvino": {"float_node_inputs": "float"}}
 #: Kinds that verify and benchmark run on a GPU target's device (its ONNX stages stay on
 #: ONNX Runtime's CPU provider: they check the graph, not the deployed runtime).
-DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config")
+DEVICE_KINDS = ("torch.module", "torchscript", "torch.exported", "trt.engine", "runtime.config",
+                "torch_tensorrt.exported", "ort.session")
 
 
 @dataclass

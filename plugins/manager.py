@@ -12,7 +12,7 @@ from . import hookspecs
 
 ENTRY_POINT_GROUP = "accelc.plugins"
 #: Built-in plugin modules, registered like any third-party plugin (datasette's DEFAULT_PLUGINS).
-BUILTIN_PLUGINS = ("accelc.plugins.builtin", "accelc.plugins.targets")
+BUILTIN_PLUGINS = ("accelc.plugins.builtin", "accelc.plugins.targets", "accelc.plugins.gpu_runtimes")
 
 
 def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
