@@ -346,3 +346,42 @@ def test_torch_tensorrt_compiles_saves_and_reloads_a_tiny_model(tmp_path):
     (out,) = runner.run({"input": x})
     ref = torch.load(art.file, weights_only=False)(torch.from_numpy(x)).detach().numpy()
     assert out.shape == (3, 2) and np.abs(out - ref).max() < 1e-2
+
+
+def _has_cuda_ep() -> bool:
+    import onnxruntime as ort
+
+    return CUDA_EP in ort.get_available_providers()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or not _has_cuda_ep(),
+                    reason="needs a CUDA GPU and onnxruntime-gpu (the CPU onnxruntime build has no CUDA EP)")
+def test_ort_gpu_session_runs_on_the_cuda_provider(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from accelc.passes.ort_providers import OrtGpuSession
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "mm",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+                              [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(src / "model.onnx"))
+    reg = default_registry()
+    work = tmp_path / "w"
+    work.mkdir()
+    sig = InputSignature.from_json([{"name": "input", "shape": [1, 4],
+                                     "dynamic": [{"axis": 0, "name": "batch", "min": 1, "opt": 1, "max": 8}]}])
+    ctx = PassContext(work, sig, Host(), RunnerFactory(reg.runners), reg, node="t")
+    p = OrtGpuSession()
+    r = p.run(ctx, {"model": Artifact("onnx", src, "model.onnx", "x", {})}, _opts(p, tensorrt="off"))
+    assert r.metrics["providers"][0] == CUDA_EP
+    runner = OrtSessionRunner(Artifact("ort.session", work, r.main, "x", r.meta))
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    (out,) = runner.run({"input": x})
+    assert np.abs(out - x @ w).max() < 1e-3
