@@ -89,8 +89,11 @@ install_accelc() {
 versions() {
     if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader \
-            | tee "$RESULTS/nvidia-smi.csv"
+            > "$RESULTS/nvidia-smi.csv" || echo "nvidia-smi query failed (exit $?)"
+        cat "$RESULTS/nvidia-smi.csv"
         nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
+    else
+        echo "nvidia-smi not found"
     fi
     "$PY" scripts/gpu_bench.py versions "$RESULTS/versions.json" --nvidia-smi "$RESULTS/nvidia-smi.csv"
     "$PY" -m accelc.cli env > "$RESULTS/accelc-env.json" || true

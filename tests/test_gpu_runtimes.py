@@ -172,6 +172,25 @@ def test_torch_tensorrt_key_holds_gpu_sm_tensorrt_and_torch_tensorrt_versions(tm
         assert other["export"] == base["export"] and other["to_half"] == base["to_half"]
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the exit status on a host without CUDA")
+def test_torch_tensorrt_build_on_a_cpu_host_exits_3_at_the_compile(tmp_path):
+    import os
+    import subprocess
+
+    from builders import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path, target="cuda", runtime="torch_tensorrt", precision="fp16", data=None,
+                               benchmark={"batch_sizes": [1], "warmup": 1, "iterations": 2})
+    env = {**os.environ, "ACCELC_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "accelc.cli", "build", str(recipe), "--out", "out"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    assert "torch_tensorrt" in r.stderr and "cuda" in r.stderr and "tensorrt" in r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["node"] for s in rep["stages"] if s["status"] == "ok"][-2:] == ["to_half", "export"]
+    assert rep["stages"][-1]["node"] == "torch_tensorrt" and rep["stages"][-1]["status"] == "blocked"
+
+
 def _torch_module_artifact(tmp: Path) -> Artifact:
     d = tmp / "in"
     d.mkdir()
