@@ -321,9 +321,9 @@ class OrtSessionRunner:
         request = request_from_config(cfg, host)
         providers = select_providers(ort.get_available_providers(), "cuda", request,
                                      tensorrt_installed=_tensorrt_installed(), strict=True)
-        if request.engine_cache_dir:
-            Path(request.engine_cache_dir).mkdir(parents=True, exist_ok=True)
         self.requested = provider_names(providers)
+        if request.engine_cache_dir and TRT_EP in self.requested:
+            Path(request.engine_cache_dir).mkdir(parents=True, exist_ok=True)
         self.session = ort_session(artifact.path / cfg["model"], threads, "cuda", providers=providers)
         self.providers = list(self.session.get_providers())
         dropped = [p for p in self.requested if p != CPU_EP and p not in self.providers]

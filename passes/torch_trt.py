@@ -114,7 +114,8 @@ def compile_settings(options: dict[str, Any], accepted: Collection[str]) -> dict
     ``use_explicit_typing=True`` is added where the release still has that switch. No
     ``enabled_precisions``: the dynamo path ignores it from TensorRT 11 on (module docstring).
 
-    Raises :class:`PassError` when an option needs a keyword the installed release lacks.
+    Raises :class:`PassError` when an option needs a keyword the installed release lacks (switches that
+    are off are dropped instead: off is the library's default).
     """
     import torch
 
@@ -131,7 +132,8 @@ def compile_settings(options: dict[str, Any], accepted: Collection[str]) -> dict
     if options["autocast"] != "none":
         kw["enable_autocast"] = True
         kw["autocast_low_precision_type"] = getattr(torch, AUTOCAST_DTYPES[options["autocast"]])
-    missing = sorted(k for k in kw if k not in accepted and (k != "use_fp32_acc" or options["use_fp32_acc"]))
+    # a switch left off is Torch-TensorRT's own default: a release without the keyword behaves the same
+    missing = sorted(k for k in kw if k not in accepted and kw[k] is not False)
     if missing:
         raise PassError(f"torch_tensorrt: the installed torch_tensorrt.dynamo.compile has no {', '.join(missing)} "
                         f"(needed by these options); use the pinned torch-tensorrt release")

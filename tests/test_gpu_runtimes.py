@@ -112,8 +112,12 @@ def test_compile_settings_use_autocast_not_enabled_precisions():
     assert older["use_explicit_typing"] is True
     with pytest.raises(PassError, match="enable_autocast"):
         compile_settings(_opts(p, autocast="float16"), TTRT_214_PARAMS - {"enable_autocast"})
-    # an option left at its default does not need the keyword
+    # a switch left off does not need the keyword (off is the library default); one turned on does
     assert "use_fp32_acc" not in compile_settings(_opts(p), TTRT_214_PARAMS - {"use_fp32_acc"})
+    with pytest.raises(PassError, match="use_fp32_acc"):
+        compile_settings(_opts(p, use_fp32_acc=True), TTRT_214_PARAMS - {"use_fp32_acc"})
+    with pytest.raises(PassError, match="workspace_size"):
+        compile_settings(_opts(p), TTRT_214_PARAMS - {"workspace_size"})
 
 
 def test_input_profiles_come_from_the_dynamic_axes_and_the_model_dtype():
