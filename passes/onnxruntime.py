@@ -12,12 +12,15 @@ import numpy as np
 from accelc.artifacts import Artifact
 
 
-def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = None, device: str = "cpu") -> Any:
+def ort_session(
+    model: str | os.PathLike[str] | bytes, threads: int | None = None, device: str = "cpu", providers: Any = None
+) -> Any:
     """An ONNX Runtime ``InferenceSession`` with graph optimizations at ORT_ENABLE_ALL.
 
     ``threads`` sets ``intra_op_num_threads`` with one inter-op thread (``None``: ORT's default,
-    one per physical core). The CUDA execution provider is used for ``device="cuda"`` when the
-    installed build has it; CPU otherwise.
+    one per physical core). ``providers`` (default: :func:`accelc.passes.ort_providers.select_providers`
+    for ``device``) is passed as it is: for ``device="cuda"`` the CUDA execution provider when the
+    installed build has it, CPU otherwise.
     """
     import onnxruntime as ort
 
@@ -27,13 +30,11 @@ def ort_session(model: str | os.PathLike[str] | bytes, threads: int | None = Non
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    if providers is None:
+        from accelc.passes.ort_providers import select_providers
+
+        providers = select_providers(ort.get_available_providers(), device)
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
-
-
-#: Runtimes that execute an ONNX file (plain or QDQ) directly on the CPU: ONNX Runtime's CPU
 
 
 class OrtSession:

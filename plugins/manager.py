@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "accelc.plugins.openvino",
     "accelc.plugins.tensorrt",
     "accelc.plugins.torch",
+    "accelc.plugins.gpu_runtimes",
     "accelc.plugins.targets",
 )
 

@@ -71,9 +71,39 @@ _TORCH_FP16 = Pipeline.of(
 #: PyTorch FP32: BN folded, torch.export, CUDA graphs at load.
 _TORCH_FP32 = Pipeline.of("fuse_modules", "export", "cuda_graph", verify_after=("export", "cuda_graph"))
 
+#: Torch-TensorRT FP16: weights cast to float16, torch.export (checked on the CPU), then
+#: torch_tensorrt.compile (dynamo IR; a strongly typed FP16 graph) saved as an ExportedProgram.
+#: Its own runtime rather than a step of ``torch``: it needs TensorRT and torch-tensorrt where the
+#: artifact is built *and* loaded, which a ``runtime: torch`` recipe must never need.
+_TORCH_TRT_FP16 = Pipeline.of(
+    "fuse_modules", ("to_half", {"dtype": "float16"}), "export",
+    ("torch_tensorrt", {"tensorrt_versions": TENSORRT_VERSIONS}),
+    verify_after=("to_half", "export", "torch_tensorrt"),
+)
+_TORCH_TRT_FP32 = Pipeline.of(
+    "fuse_modules", "export", ("torch_tensorrt", {"tensorrt_versions": TENSORRT_VERSIONS}),
+    verify_after=("export", "torch_tensorrt"),
+)
+#: ONNX Runtime GPU (onnxruntime-gpu): CUDA EP, with the TensorRT EP first where TensorRT is
+#: installed. INT8 is the TensorRT Q/DQ graph of the tensorrt pipeline, run by the TensorRT EP
+#: (required: the CUDA EP would run the Q/DQ graph in float).
+_ORT_GPU_FP32 = Pipeline.of(
+    "fuse_modules", "export_onnx", "onnxsim", "ort_gpu_session", verify_after=("onnxsim", "ort_gpu_session"),
+)
+_ORT_GPU_INT8 = Pipeline.of(
+    "fuse_modules", "export_onnx", "onnxsim",
+    ("calibrate", {"method": "entropy", "symmetric": True}),
+    ("quantize", {"activation_type": "int8", "weight_type": "int8", "per_channel": True,
+                  "activation_symmetric": True, "weight_symmetric": True}),
+    ("ort_gpu_session", {"tensorrt": "on", "int8": True}),
+    verify_after=("onnxsim", "quantize", "ort_gpu_session"),
+)
+
 _GPU_RUNTIMES = {
     "tensorrt": {"int8": _TRT_INT8, "fp32": _TRT_FP32},
     "torch": {"fp16": _TORCH_FP16, "fp32": _TORCH_FP32},
+    "torch_tensorrt": {"fp16": _TORCH_TRT_FP16, "fp32": _TORCH_TRT_FP32},
+    "onnxruntime": {"int8": _ORT_GPU_INT8, "fp32": _ORT_GPU_FP32},
 }
 
 

@@ -53,8 +53,14 @@ from accelc.signature import InputSignature
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-needs_trt = pytest.mark.skipif(not (HAS_CUDA and HAS_TRT), reason="needs a CUDA GPU and the tensorrt package")
+# ``cuda`` marks every test that needs the GPU, so a GPU host runs exactly them with ``pytest -m cuda``.
+def needs_cuda(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
+
+
+def needs_trt(test):
+    skip = pytest.mark.skipif(not (HAS_CUDA and HAS_TRT), reason="needs a CUDA GPU and the tensorrt package")
+    return pytest.mark.cuda(skip(test))
 
 T4_HOST = {"cuda": {"name": "Tesla T4", "sm": 75, "count": 1}, "tensorrt": "10.13.3.9"}
 A100_HOST = {"cuda": {"name": "NVIDIA A100-SXM4-40GB", "sm": 80, "count": 1}, "tensorrt": "10.13.3.9"}
@@ -228,7 +234,8 @@ def test_gpu_target_profiles():
         t = reg.targets[name]
         assert t.device == "cuda" and t.compute_capability == divmod(sm, 10)
         assert f"sm=={sm}" in t.capabilities
-        assert set(t.runtimes) == {"tensorrt", "torch"} and t.default_runtime == "tensorrt"
+        assert set(t.runtimes) == {"tensorrt", "torch", "torch_tensorrt", "onnxruntime"}
+        assert t.default_runtime == "tensorrt"
         assert {"int8", "fp32"} <= set(t.runtimes["tensorrt"]) and "fp16" in t.runtimes["torch"]
         engine_step = next(s for s in t.pipeline("tensorrt", "int8").steps if s.name == "trt_engine")
         assert engine_step.options["tensorrt_versions"] == SUPPORTED_TENSORRT
