@@ -34,7 +34,9 @@ class LoadModel(Pass):
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         import torch
 
-        model = ctx.sources.model_sources[options["source"]].load(options)
+        source = ctx.sources.model_sources[options["source"]]
+        what = f"model source '{options['source']}'" + (f" ({options['callable']})" if options.get("callable") else "")
+        model = ctx.call_user_code(what, lambda: source.load(options))
         torch.save(model, ctx.workdir / "model.pt")
         params = sum(p.numel() for p in model.parameters())
         meta = {

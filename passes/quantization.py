@@ -536,7 +536,7 @@ class Calibrate(Pass):
         batch = min(options["batch_size"], ctx.signature.max_batch())
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         ctx.progress(f"calibrating ({method})")
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="accelc-calib-", dir=ctx.scratch) as tmp:
             try:
                 cal = create_calibrator(
                     Path(model),
@@ -568,7 +568,7 @@ class Calibrate(Pass):
         tables.mkdir()
         trials: list[dict[str, Any]] = []
         tensors = 0
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-", dir=ctx.scratch) as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
             for method in options["candidates"]:
                 ranges = self._collect(ctx, inputs["model"].file, data, method, options)
@@ -751,7 +751,7 @@ class Quantize(Pass):
             timing[what] = timing.get(what, 0.0) + now - clock
             clock = now
 
-        with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-") as tmp_dir:
+        with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-", dir=ctx.scratch) as tmp_dir:
             tmp = Path(tmp_dir)
             ctx.progress("full INT8: quantize and verify")
             full = quantize_model(model_path, table, tmp / "trial0.onnx", options, calibration=calibration)
