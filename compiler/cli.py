@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import AccelcError
 from .cache import DEFAULT_LOCK_TIMEOUT_S
+from .errors import AccelcError
 from .pass_api import DEFAULT_USER_CODE_TIMEOUT_S
 
 console = Console(stderr=True, highlight=False)
@@ -50,6 +50,8 @@ class _Group(click.Group):
 
 
 def _summary(metrics: dict[str, Any]) -> str:
+    if "top1_agreement" in metrics and metrics["top1_agreement"] is None:
+        return f"no finite outputs ({metrics.get('nonfinite_samples')} of {metrics.get('samples')} samples non-finite)"
     if "top1_agreement" in metrics:
         return (
             f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, "

@@ -51,6 +51,7 @@ from .graph import PassGraph, unmet
 from .pass_api import DEFAULT_USER_CODE_TIMEOUT_S, PassContext, PassResult
 from .runners import RunnerFactory
 
+
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON (sorted keys, no whitespace) used for hashing."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
