@@ -167,8 +167,10 @@ def build(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create out dir {out}: {e.strerror or e}") from e
-        conflicts = _conflicts(out, list(REPORT_FILES), _legacy_files(out))
-        if conflicts and not force:  # refused before anything runs; final names are checked at publish
+        cached_final = store.lookup(ex.key(graph.final))  # its file names, when it is cached already
+        names = [*(cached_final.meta.get("files", {}) if cached_final else {}), *REPORT_FILES]
+        conflicts = _conflicts(out, [n for n in names if _plain_name(n)], _legacy_files(out))
+        if conflicts and not force:  # refused before anything runs; the final names are checked again at publish
             raise _refuse(out, conflicts)
         result = ex.build()
         report = _publish(ex, result, out, force)
