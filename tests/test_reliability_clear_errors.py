@@ -79,7 +79,8 @@ def test_cache_gc_refuses_a_size_that_is_not_a_finite_number(tmp_path, value):
     r = CliRunner().invoke(main, ["cache", "gc", "--cache-dir", str(tmp_path / "c"), "--max-size", value])
     assert r.exit_code == 2 and "finite number" in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
-    r = CliRunner().invoke(main, ["cache", "gc", "--cache-dir", str(tmp_path / "c")], env={"ACCELC_CACHE_MAX_MIB": value})
+    env = {"ACCELC_CACHE_MAX_MIB": value}
+    r = CliRunner().invoke(main, ["cache", "gc", "--cache-dir", str(tmp_path / "c")], env=env)
     assert r.exit_code == 2 and "finite number" in r.output, r.output
 
 
