@@ -189,7 +189,11 @@ def check_out_dir(out: Path) -> None:
     resolved = out.expanduser().resolve()
     if resolved == Path(resolved.anchor):
         raise OutDirError(f"--out {out}: is a filesystem root; give accelc a directory of its own")
-    if resolved == Path.home().resolve():
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home directory known
+        return
+    if resolved == home:
         raise OutDirError(f"--out {out}: is your home directory; give accelc a directory of its own")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..code_identity import code_closure
 from ..environment import package_version
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, cut
 from . import WEIGHTS_SCHEMA, ModelSource, load_state_dict_into, weights_identity
 
 _COMMON = {
@@ -120,7 +120,7 @@ class PythonSource(ModelSource):
                 spec = None
         if spec is None or not spec.origin or not Path(spec.origin).is_file():
             where = f" (looked in {options['path']} and sys.path)" if options.get("path") else ""
-            raise ModelSourceError(f"model.callable: module '{mod}' not found{where}")
+            raise ModelSourceError(f"model.callable: module '{cut(mod)}' not found{cut(where)}")
         return Path(spec.origin)
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class PythonSource(ModelSource):
         try:
             closure = code_closure(mod, search=search)
         except ModuleNotFoundError as e:
-            raise ModelSourceError(f"model.callable: module '{mod}' not found") from e
+            raise ModelSourceError(f"model.callable: module '{cut(mod)}' not found") from e
         return {
             "callable": options["callable"],
             "code_sha256": closure.digest(),
