@@ -78,6 +78,7 @@ def _stat_key(path: str) -> tuple[int, int, int] | None:
 Imports = tuple[tuple[int, str, tuple[str, ...]], ...]
 _DIGESTS: dict[str, tuple[tuple[int, int, int], str]] = {}
 _IMPORTS: dict[str, Imports] = {}
+_FIRST: dict[str, str] = {}  # path -> the digest this process first saw
 _DISK: dict[str, Any] = {"path": None, "dirty": False}
 
 
@@ -117,6 +118,7 @@ def _file_facts(path: str) -> tuple[str, Imports]:
     digest = hit[1] if hit is not None and key is not None and hit[0] == key else sha256_file(path)
     if key is not None:
         _DIGESTS[path] = (key, digest)
+    _FIRST.setdefault(path, digest)
     if digest in _IMPORTS:
         return digest, _IMPORTS[digest]
     imports: list[tuple[int, str, tuple[str, ...]]] = []
@@ -259,6 +261,18 @@ def code_closure(root: str, search: Iterable[str] = (), follow: Iterable[str] = 
         for level, module, names in imports:
             todo += _candidates(name, is_package, level, module, names)
     return CodeClosure(dict(sorted(modules.items())), dict(sorted(dists.items())))
+
+
+def changed_since_first_seen(modules: Iterable[str]) -> list[str]:
+    """Modules of ``modules`` already imported in this process whose source file changed since
+    this process first hashed it: the code Python would run (the imported copy) is not the code
+    the key describes. Used to refuse building from stale imports in a long-running process."""
+    out = []
+    for name in modules:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path and path in _FIRST and os.path.isfile(path) and _file_facts(path)[0] != _FIRST[path]:
+            out.append(name)
+    return out
 
 
 def closure_material(closure: CodeClosure) -> dict[str, Any]:

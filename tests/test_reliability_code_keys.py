@@ -176,3 +176,21 @@ def test_closure_resolves_without_running_the_code(tmp_path, monkeypatch):
     closure = code_closure("root_i14", search=[str(tmp_path)])
     assert {"root_i14", "boom_i14", "boom_i14.inner"} <= set(closure.modules)
     assert "boom_i14" not in sys.modules
+
+
+def test_a_process_never_builds_from_a_stale_import_of_edited_code(model_project):
+    """In one process (a notebook, a service calling ``build``), Python keeps running the copy of a
+    module it imported first; after an edit the key describes the new code, so building from the old
+    copy would cache a wrong artifact under the new key. The load is refused instead."""
+    from accelc.errors import ModelSourceError
+    from accelc.sources.models import PythonSource
+
+    recipe, root, files = model_project
+    options = yaml.safe_load(recipe.read_text())["model"]
+    src = PythonSource()
+    first = src.identity(options)
+    assert src.load(options).fc.out_features == 8
+    _write(files["helper"], "WIDTH = 4\n")
+    assert src.identity(options)["code_sha256"] != first["code_sha256"]
+    with pytest.raises(ModelSourceError, match="changed on disk after this process imported it"):
+        src.load(options)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..code_identity import code_closure
+from ..code_identity import changed_since_first_seen, code_closure
 from ..environment import package_version
 from ..errors import ModelSourceError, cut
 from . import WEIGHTS_SCHEMA, ModelSource, load_state_dict_into, weights_identity
@@ -146,6 +146,13 @@ class PythonSource(ModelSource):
 
         mod_name, attr = options["callable"].split(":", 1)
         self._module_file(options)
+        search = [options["path"]] if options.get("path") else []
+        stale = changed_since_first_seen(code_closure(mod_name, search=search).modules)
+        if stale:  # Python would run the copies imported earlier, not the code the cache key describes
+            raise ModelSourceError(
+                f"model.callable: {cut(', '.join(stale))} changed on disk after this process imported it; "
+                "run the build in a new process (e.g. `accelc build`)"
+            )
         with _sys_path(options.get("path")):
             try:
                 obj: Any = importlib.import_module(mod_name)
