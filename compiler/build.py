@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .artifacts import sha256_file, tree_digest
 from .cache import Store, default_root, is_no_space, safe_relative, size_limit_from_env
-from .errors import AccelcError, OutDirError
+from .errors import AccelcError, LockTimeoutError, OutDirError
 from .executor import (
     DEFAULT_LOCK_TIMEOUT_S,
     DEFAULT_USER_CODE_TIMEOUT_S,
@@ -173,7 +173,7 @@ def build(
         if conflicts and not force:  # refused before anything runs; the final names are checked again at publish
             raise _refuse(out, conflicts)
         result = ex.build()
-        report = _publish(ex, result, out, force)
+        report = _publish(ex, result, out, force, lock_timeout)
         if limit is not None:
             store.gc(limit, keep={ex.key(n.id) for n in graph.nodes})
         return BuildOutcome(report, out, result)
@@ -265,7 +265,9 @@ def _sweep_out(out: Path, keep: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
-def _publish(ex: Executor, result: BuildResult, out: Path, force: bool = False) -> dict[str, Any]:
+def _publish(
+    ex: Executor, result: BuildResult, out: Path, force: bool = False, lock_timeout: float | None = None
+) -> dict[str, Any]:
     """Publish a new generation of the out dir under its lock: the final artifact (checked against
     its digests) and the reports are written into ``.accelc/generations/<id>/``, then the one
     pointer ``.accelc/current`` is switched by ``rename``; the top-level names are links through it.
@@ -274,11 +276,20 @@ def _publish(ex: Executor, result: BuildResult, out: Path, force: bool = False) 
         OutDirError: the out dir holds files accelc did not write at names this build publishes
             (unless ``force``), or accelc's own ``.accelc`` is not a real directory.
         OutputError: the out dir cannot be written; the previous generation stays current.
+        LockTimeoutError: another build held the out dir's lock for longer than ``lock_timeout`` seconds.
     """
     meta_dir = out / META_DIR
     gen: Path | None = None
+    out_lock = FileLock(str(out / OUT_LOCK), timeout=-1 if lock_timeout is None else lock_timeout)
     try:
-        with FileLock(str(out / OUT_LOCK)):
+        held = out_lock.acquire()  # a proxy that releases this one acquisition on exit
+    except Timeout:
+        raise LockTimeoutError(
+            f"gave up after {lock_timeout:g} s waiting for lock {out / OUT_LOCK}: another build is publishing "
+            f"into {out} (--lock-timeout)"
+        ) from None
+    try:
+        with held:
             if meta_dir.is_symlink() or (meta_dir.exists() and not meta_dir.is_dir()):
                 raise OutDirError(f"--out {out}: {META_DIR} is not accelc's directory (a symlink or a file)")
             (meta_dir / "generations").mkdir(parents=True, exist_ok=True)

@@ -149,3 +149,16 @@ def test_a_lock_wait_names_the_node_and_lock_and_gives_up(reliability_golden, tm
     lock_file = str(cache / "locks" / f"{key}.lock")
     assert isinstance(err, LockTimeoutError) and "load_model" in str(err) and lock_file in str(err), err
     assert any("waiting for lock" in n and lock_file in n and "load_model" in n for n in rec.notices), rec.notices
+
+
+def test_a_wait_for_the_out_dir_lock_gives_up_too(reliability_golden, reliability_warm_cache, tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / ".accelc-out.lock")):  # another build publishing there
+        with pytest.raises(LockTimeoutError, match="publishing into"):
+            build(reliability_golden.int8.recipe, out_dir=out, cache_dir=reliability_warm_cache, lock_timeout=0.5)
+    assert build(reliability_golden.int8.recipe, out_dir=out, cache_dir=reliability_warm_cache, lock_timeout=0.5).ok
+    with FileLock(str(out / ".accelc-out.lock"), timeout=0):  # released after publishing
+        pass
