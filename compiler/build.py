@@ -308,6 +308,7 @@ def _publish(
             gen = meta_dir / "generations" / f"g{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             gen.mkdir()
             files: list[str] = []
+            expected: dict[str, str] | None = None
             if result.final is not None:
                 info = ex.store.lookup(ex.key(ex.graph.final))
                 expected = info.meta.get("files") if info is not None else None
@@ -316,7 +317,11 @@ def _publish(
                 except AccelcError as e:
                     result.final, result.failure = None, e
             report = build_report(ex, result, files)
-            write_outputs(gen, report, build_lock(ex, result, report))
+            lock = build_lock(ex, result, report)
+            lock["final"]["sha256"] = {  # what this publish wrote (copies already checked against ``expected``)
+                n: expected[n] if expected and n in expected else sha256_file(gen / n) for n in files
+            }
+            write_outputs(gen, report, lock)
             published = [*files, *REPORT_FILES]
             for name in published:  # new names dangle until the switch, so they show nothing early
                 if not _is_our_link(out, name):

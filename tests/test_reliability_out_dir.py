@@ -162,3 +162,5 @@ def test_leftovers_of_interrupted_publishes_are_swept(reliability_golden, reliab
     current = out / ".accelc" / "current"
     assert current.is_symlink() and (current / "model.onnx").is_file()
     assert os.readlink(out / "model.onnx") == ".accelc/current/model.onnx"
+    lock = json.loads((out / "accelc.lock").read_text())
+    assert lock["final"]["sha256"] == {"model.onnx": g.final_sha256}  # what this publish wrote, with digests
