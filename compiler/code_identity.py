@@ -51,6 +51,8 @@ from typing import Any
 from .artifacts import sha256_file
 
 _INSTALLED_DIRS = ("site-packages", "dist-packages")
+#: Most file digests kept in ``code-imports.json`` (old versions of edited files age out).
+MAX_IMPORT_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ def flush_import_cache() -> None:
     if path is None or not _DISK["dirty"]:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    used = {d for _, d in _DIGESTS.values()}  # this process's files first, then older ones up to the cap
+    keep = [*(k for k in _IMPORTS if k in used), *(k for k in _IMPORTS if k not in used)][:MAX_IMPORT_CACHE]
     try:
-        tmp.write_text(json.dumps({k: [list(i) for i in v] for k, v in _IMPORTS.items()}))
+        tmp.write_text(json.dumps({k: [list(i) for i in _IMPORTS[k]] for k in keep}))
         os.replace(tmp, path)
         _DISK["dirty"] = False
     except OSError:

@@ -1,14 +1,19 @@
 """Planning and executing a pass graph against the content-addressed store.
 
 Cache keys are input-addressed: a node's key is a sha256 over its pass name and
-version, its key material (options, or a source's content digests), the keys of its
-inputs, the input signature, and the versions of the packages that change its output.
+version, the code it runs (the closure of the modules its pass's module imports, with
+accelc's version: :func:`pass_code_digest`), its key material (options, or a source's
+content digests and code closure), the keys of its inputs, the input signature, and the
+versions of the packages that change its output.
 So every key is known before anything runs (``accelc plan`` shows them all), and an
 unchanged recipe maps to the same keys and reruns nothing.
 
 Execution is demand-driven: a cached node is only *looked up* (its ``meta.json`` digest
 checked); its files are re-hashed (and, when corrupt, evicted and rebuilt) only when a node
 that runs needs them as input, or when it is the final artifact copied to the out dir.
+
+A build that must wait for another build's lock on a key says which node and lock file it
+waits on, and gives up after ``lock_timeout`` seconds (:class:`LockTimeoutError`).
 
 Every pass output is checked before it is committed: the primary file must lie inside the
 staging dir, and its bytes must parse as the declared kind (an ``onnx`` artifact passes

@@ -194,3 +194,28 @@ def test_a_process_never_builds_from_a_stale_import_of_edited_code(model_project
     assert src.identity(options)["code_sha256"] != first["code_sha256"]
     with pytest.raises(ModelSourceError, match="changed on disk after this process imported it"):
         src.load(options)
+
+
+def test_import_lists_are_cached_by_digest_so_a_warm_process_parses_nothing(plugin_package, tmp_path, monkeypatch):
+    import accelc.code_identity as ci
+
+    cls, pkg = plugin_package
+    cache_file = tmp_path / "code-imports.json"
+    monkeypatch.setattr(ci, "_IMPORTS", {})
+    monkeypatch.setattr(ci, "_DISK", {"path": None, "dirty": False})
+    ci.use_import_cache(cache_file)
+    cold = ci.code_closure(cls.__module__, follow={"accelc", cls.__module__.split(".")[0]})
+    ci.flush_import_cache()
+    assert cache_file.is_file()
+    monkeypatch.setattr(ci, "_IMPORTS", {})  # a new process: nothing in memory
+    monkeypatch.setattr(ci, "_DISK", {"path": None, "dirty": False})
+    ci.use_import_cache(cache_file)
+
+    def no_parse(*a, **kw):
+        raise AssertionError("parsed a file whose import list is cached")
+
+    monkeypatch.setattr(ci.ast, "parse", no_parse)
+    assert ci.code_closure(cls.__module__, follow={"accelc", cls.__module__.split(".")[0]}) == cold
+    _append(pkg / "helper.py", "\n# edited\n")  # a changed file has a new digest: parsed again
+    with pytest.raises(AssertionError, match="parsed a file"):
+        ci.code_closure(cls.__module__, follow={"accelc", cls.__module__.split(".")[0]})
