@@ -277,8 +277,3 @@ def changed_since_first_seen(modules: Iterable[str]) -> list[str]:
         if path and path in _FIRST and os.path.isfile(path) and _file_facts(path)[0] != _FIRST[path]:
             out.append(name)
     return out
-
-
-def closure_material(closure: CodeClosure) -> dict[str, Any]:
-    """The closure as cache-key material: its digest, module digests and distribution versions."""
-    return {"sha256": closure.digest(), "modules": closure.modules, "distributions": closure.distributions}
