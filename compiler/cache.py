@@ -7,6 +7,9 @@ Layout under the store root (default: the user cache dir, ``$ACCELC_CACHE_DIR`` 
                                and ``meta_sha256``, a digest of meta.json's own content
     entries/<key>/<payload>    the files the pass wrote
     tmp/<key>.<random>/        staging while a pass runs (never trusted)
+    tmp/<key>.<random>.scratch/  a running pass's temporary files (calibration, trials)
+    scratch/<kind>-<pid>-<random>/  a build's private space (``--no-cache`` store), held by
+                               ``scratch/<name>.lock`` while in use
     locks/<key>.lock           one builder per key at a time
 
 Guarantees:
@@ -23,6 +26,13 @@ Guarantees:
   mismatch raises :class:`CorruptEntryError` and the executor evicts and rebuilds the entry.
 * **Bounded size.** ``gc(max_bytes)`` evicts least-recently-used entries (use = a build
   looked the entry up or opened it; ``verify_all`` and ``list`` do not count).
+* **Real entries only.** An entry is a real directory inside ``entries/``; one replaced by a
+  symlink (to a copy elsewhere, say) is not trusted, ``verify_all`` reports it and a build
+  rebuilds it.
+* **Reclaimed scratch space.** Scratch directories live under the root and are swept by
+  ``sweep``/``gc`` once their owner's lock is free (the owner finished or was killed);
+  lock files of keys with no entry and no builder are removed too, so ``locks/`` does not
+  only grow.
 * **Full disk.** A write that fails with ``ENOSPC`` raises :class:`CacheError` saying so,
   and the half-written staging dir is removed.
 """
@@ -32,11 +42,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,12 +57,15 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .artifacts import Artifact, file_digests, tree_digest
-from .errors import CacheError, CorruptEntryError
+from .errors import CacheError, CorruptEntryError, cut
 
 META = "meta.json"
 ENV_VAR = "ACCELC_CACHE_DIR"
 #: Environment variable holding the store's size limit in MiB (``accelc cache gc`` and builds honour it).
 MAX_SIZE_ENV_VAR = "ACCELC_CACHE_MAX_MIB"
+#: Default limit (seconds) on waiting for another build's lock on one cache key: longer than the
+#: slowest pass accelc runs (a TensorRT engine build or an accuracy-aware INT8 search).
+DEFAULT_LOCK_TIMEOUT_S = 7200.0
 #: ``errno`` values that mean "no space left" (disk full, or the user's quota is spent).
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -63,22 +79,37 @@ def default_root() -> Path:
     return Path(platformdirs.user_cache_dir("accelc"))
 
 
+class SizeLimitError(CacheError):
+    """A size limit that is not a finite number of MiB >= 0 (``nan``, ``inf``, ``-1``, ``lots``): bad input."""
+
+    exit_code = 2
+
+
+def parse_size_mib(text: str, what: str = MAX_SIZE_ENV_VAR) -> int:
+    """Bytes for a size in MiB written as ``text`` (a finite number >= 0).
+
+    Raises:
+        SizeLimitError: naming ``what`` and the (cut) value.
+    """
+    try:
+        mib = float(text)
+    except (TypeError, ValueError):
+        mib = -1.0
+    if not (math.isfinite(mib) and mib >= 0):
+        raise SizeLimitError(f"{what}={cut(repr(text))}: expected a size in MiB (a finite number >= 0)")
+    return int(mib * 2**20)
+
+
 def size_limit_from_env() -> int | None:
     """The size limit in bytes from ``$ACCELC_CACHE_MAX_MIB``, or ``None`` when unset.
 
     Raises:
-        CacheError: the variable is set but is not a non-negative number.
+        SizeLimitError: the variable is set but is not a finite number >= 0 (exit 2).
     """
     text = os.environ.get(MAX_SIZE_ENV_VAR, "").strip()
     if not text:
         return None
-    try:
-        mib = float(text)
-    except ValueError:
-        mib = -1.0
-    if not mib >= 0 or mib == float("inf"):
-        raise CacheError(f"{MAX_SIZE_ENV_VAR}={text!r}: expected a size in MiB (a number >= 0)")
-    return int(mib * 2**20)
+    return parse_size_mib(text)
 
 
 def is_no_space(e: BaseException) -> bool:
@@ -105,6 +136,14 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
+def _real_dir(path: Path) -> bool:
+    """A directory, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class EntryInfo:
     """What ``meta.json`` says about an entry (its own digest checked, payload files not re-hashed)."""
@@ -126,8 +165,9 @@ class Store:
         self.entries = self.root / "entries"
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
+        self.scratch_root = self.root / "scratch"
         try:
-            for d in (self.entries, self.tmp, self.locks):
+            for d in (self.entries, self.tmp, self.locks, self.scratch_root):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CacheError(f"cache directory {self.root} is not usable: {e.strerror or e}") from e
@@ -140,6 +180,8 @@ class Store:
         checked against the digest it carries, so changed metrics or digests are not trusted.
         """
         path = self.entries / key
+        if not _real_dir(path):
+            return None  # a symlink (or anything but a directory) is never an entry
         try:
             meta = json.loads((path / META).read_text())
         except (OSError, ValueError):
@@ -162,6 +204,11 @@ class Store:
         """
         info = self.lookup(key)
         if info is None:
+            if (self.entries / key).is_symlink():
+                raise CorruptEntryError(
+                    f"cache entry {key[:12]} is a symlink to {cut(os.readlink(self.entries / key))}, "
+                    "not a directory inside the store; it is not trusted"
+                )
             raise CorruptEntryError(f"cache entry {key[:12]} has no readable {META}")
         meta = info.meta
         if verify:
@@ -211,6 +258,36 @@ class Store:
             d.mkdir(parents=True)
         except OSError as e:
             raise self._write_error(key, e) from e
+        return d
+
+    @contextmanager
+    def scratch(self, kind: str) -> Iterator[Path]:
+        """A private directory ``scratch/<kind>-<pid>-<random>/`` for the duration of the block.
+
+        Its lock (``scratch/<name>.lock``) is held while the block runs; the directory is removed
+        when it ends, and :meth:`sweep` removes one whose owner was killed (its lock is free).
+
+        Raises:
+            CacheError: the directory cannot be created.
+        """
+        name = f"{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        d = self.scratch_root / name
+        lock = FileLock(str(self.scratch_root / f"{name}.lock"))
+        try:
+            with lock:
+                d.mkdir()
+                try:
+                    yield d
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+        finally:
+            Path(lock.lock_file).unlink(missing_ok=True)
+
+    def pass_scratch(self, staging: Path) -> Path:
+        """A scratch dir beside a staging dir (``tmp/<key>.<random>.scratch/``) for a pass's temporary
+        files: swept like the staging dir once the key's lock is free. The caller removes it."""
+        d = staging.with_name(f"{staging.name}.scratch")
+        d.mkdir(exist_ok=True)
         return d
 
     def _write_error(self, key: str, e: OSError) -> CacheError:
@@ -294,6 +371,20 @@ class Store:
         else:
             trash.unlink(missing_ok=True)
 
+    def _drop_lock_file(self, path: Path) -> bool:
+        """Remove a lock file nobody holds (tried without waiting); it is unlinked while held. A
+        process that opened it just before and then gets the flock sees an unlinked inode and
+        retries on the path (filelock checks ``st_nlink``), so mutual exclusion holds."""
+        lock = FileLock(str(path), timeout=0)
+        try:
+            with lock:
+                path.unlink(missing_ok=True)
+        except Timeout:
+            return False
+        except OSError:
+            return False
+        return True
+
     # -- listing and maintenance -------------------------------------------------------------
     def list(self) -> list[EntryInfo]:
         """Every committed entry, most recently used first (listing does not count as use)."""
@@ -356,6 +447,28 @@ class Store:
                     removed.append(f"tmp/{d.name}")
             except Timeout:
                 pass
+        for d in list(self.scratch_root.iterdir()):
+            if d.suffix == ".lock":
+                continue
+            lock_path = self.scratch_root / f"{d.name}.lock"
+            try:
+                with FileLock(str(lock_path), timeout=0):  # held by a live owner
+                    if d.is_dir() and not d.is_symlink():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        d.unlink(missing_ok=True)
+                    removed.append(f"scratch/{d.name}")
+                lock_path.unlink(missing_ok=True)
+            except Timeout:
+                pass
+        for p in list(self.scratch_root.glob("*.lock")):
+            if not os.path.lexists(p.with_suffix("")) and self._drop_lock_file(p):
+                removed.append(f"scratch/{p.name}")
+        staged = {d.name.split(".", 1)[0] for d in self.tmp.iterdir()}
+        for p in list(self.locks.glob("*.lock")):
+            key = p.name[: -len(".lock")]
+            if key not in staged and not os.path.lexists(self.entries / key) and self._drop_lock_file(p):
+                removed.append(f"locks/{p.name}")
         return removed
 
     def gc(self, max_bytes: int, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -372,6 +485,7 @@ class Store:
             if e.key in keep:
                 continue
             self.evict(e.key)
+            self._drop_lock_file(self.locks / f"{e.key}.lock")
             total -= e.size_bytes
             evicted.append(e.key)
         return evicted

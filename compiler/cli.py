@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .cache import DEFAULT_LOCK_TIMEOUT_S
 from .errors import AccelcError
+from .pass_api import DEFAULT_USER_CODE_TIMEOUT_S
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -48,6 +51,8 @@ class _Group(click.Group):
 
 
 def _summary(metrics: dict[str, Any]) -> str:
+    if "top1_agreement" in metrics and metrics["top1_agreement"] is None:
+        return f"no finite outputs ({metrics.get('nonfinite_samples')} of {metrics.get('samples')} samples non-finite)"
     if "top1_agreement" in metrics:
         return (
             f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, "
@@ -164,6 +169,28 @@ _executor_opt = click.option(
     help="Ray cluster to run on with --executor ray (host:6379, ray://host:10001 or auto; env RAY_ADDRESS). "
     "Default: a local Ray instance.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace files in the out dir that accelc did not write (model.onnx, report.json...) instead of refusing.",
+)
+@click.option(
+    "--user-code-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="ACCELC_USER_CODE_TIMEOUT",
+    default=DEFAULT_USER_CODE_TIMEOUT_S,
+    show_default=True,
+    help="Seconds the model's own code (a python source's callable) may take before the build gives up "
+    "(env ACCELC_USER_CODE_TIMEOUT).",
+)
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0),
+    envvar="ACCELC_LOCK_TIMEOUT",
+    default=DEFAULT_LOCK_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for another build computing the same cache entry (env ACCELC_LOCK_TIMEOUT).",
+)
 def build(
     recipes: tuple[Path, ...],
     target: str | None,
@@ -174,19 +201,29 @@ def build(
     cache_url: str | None,
     executor: str,
     ray_address: str | None,
+    force: bool,
+    user_code_timeout: float,
+    lock_timeout: float,
 ) -> None:
     """Build RECIPE...: run every pass (or reuse it from the cache), verify, benchmark.
 
     \b
     The out dir receives the final artifact (e.g. model.onnx), report.json,
     report.md and accelc.lock (every node's cache key and digest, package
-    versions, host). Exit codes: 0 ok, 2 bad recipe/input, 3 a pass needs
-    hardware this host lacks, 4 a pass failed, 5 verification failed.
+    versions, host). Each build publishes them as one new generation
+    (.accelc/generations/<id>/, switched atomically; the top-level names are
+    links into it). A name holding a file accelc did not write is refused
+    unless --force. Exit codes: 0 ok, 2 bad recipe/input/out dir, 3 a pass
+    needs hardware this host lacks, 4 a pass failed or timed out, 5
+    verification failed, 6 cache or out dir unusable (or a lock wait timed out).
     With --executor ray, several recipes share their common upstream nodes.
     """
     from .build import build as run_build
 
     reporter = RichReporter(console)
+    for name, value in (("--user-code-timeout", user_code_timeout), ("--lock-timeout", lock_timeout)):
+        if not math.isfinite(value):
+            raise click.BadParameter(f"{value} is not a finite number of seconds", param_hint=name)
     if executor == "ray":
         if no_cache:
             raise click.UsageError("--no-cache does not apply to --executor ray (the workers share the cache)")
@@ -211,6 +248,9 @@ def build(
                 no_cache=no_cache,
                 reporter=reporter,
                 cache_url=cache_url,
+                force=force,
+                user_code_timeout=user_code_timeout,
+                lock_timeout=lock_timeout,
             )
             for recipe in recipes
         ]
@@ -536,20 +576,26 @@ def cache_verify(cache_dir: Path | None, cache_url: str | None, remote: bool) ->
 @click.option(
     "--max-size",
     "max_mib",
-    type=click.FloatRange(min=0),
+    type=str,
     envvar="ACCELC_CACHE_MAX_MIB",
     help="Keep at most this many MiB (env ACCELC_CACHE_MAX_MIB, which builds also honour).",
 )
-def cache_gc(cache_dir: Path | None, max_mib: float | None) -> None:
+def cache_gc(cache_dir: Path | None, max_mib: str | None) -> None:
     """Remove what killed builds left behind, then evict least-recently-used entries until the
     store fits in --max-size MiB. A build's use of an entry (cache hit or read) counts; listing
     and verifying do not."""
-    store = _store(cache_dir)
-    if max_mib is None:
+    from .cache import SizeLimitError, parse_size_mib
+
+    if max_mib is None or not max_mib.strip():
         raise click.UsageError("give --max-size MIB or set ACCELC_CACHE_MAX_MIB")
+    try:
+        max_bytes = parse_size_mib(max_mib.strip(), "--max-size")
+    except SizeLimitError as e:
+        raise click.BadParameter(str(e), param_hint="--max-size / ACCELC_CACHE_MAX_MIB") from e
+    store = _store(cache_dir)
     swept = store.sweep()
     before = store.total_bytes()
-    evicted = store.gc(int(max_mib * 2**20))
+    evicted = store.gc(max_bytes)
     after = store.total_bytes()
     if swept:
         out.print(f"removed {len(swept)} leftovers of interrupted builds or unreadable entries")

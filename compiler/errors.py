@@ -102,6 +102,33 @@ class ModelSourceError(AccelcError):
     exit_code = 2
 
 
+class OutDirError(AccelcError):
+    """The out dir cannot be used: it is a filesystem root or the home directory, or it holds
+    files accelc did not write at names a build would publish (``--force`` replaces them)."""
+
+    exit_code = 2
+
+
+class BuildTimeoutError(PassError):
+    """User code (a model source's ``load``) did not return within the build's time limit."""
+
+
+class LockTimeoutError(CacheError):
+    """Waiting for another build's lock on a cache key took longer than the build's lock timeout."""
+
+
+#: Longest echo of a user's value in an error message (a 1 MB recipe name is not repeated in full).
+MAX_ECHO = 80
+
+
+def cut(value: object, limit: int = MAX_ECHO) -> str:
+    """``str(value)``, cut to ``limit`` characters with a note of how long it was."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(text)} characters)"
+
+
 class PluginError(AccelcError):
     """A plugin failed to load or returned something that breaks the plugin contract."""
 

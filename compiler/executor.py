@@ -1,14 +1,19 @@
 """Planning and executing a pass graph against the content-addressed store.
 
 Cache keys are input-addressed: a node's key is a sha256 over its pass name and
-version, its key material (options, or a source's content digests), the keys of its
-inputs, the input signature, and the versions of the packages that change its output.
+version, the code it runs (the closure of the modules its pass's module imports, with
+accelc's version: :func:`pass_code_digest`), its key material (options, or a source's
+content digests and code closure), the keys of its inputs, the input signature, and the
+versions of the packages that change its output.
 So every key is known before anything runs (``accelc plan`` shows them all), and an
 unchanged recipe maps to the same keys and reruns nothing.
 
 Execution is demand-driven: a cached node is only *looked up* (its ``meta.json`` digest
 checked); its files are re-hashed (and, when corrupt, evicted and rebuilt) only when a node
 that runs needs them as input, or when it is the final artifact copied to the out dir.
+
+A build that must wait for another build's lock on a key says which node and lock file it
+waits on, and gives up after ``lock_timeout`` seconds (:class:`LockTimeoutError`).
 
 Every pass output is checked before it is committed: the primary file must lie inside the
 staging dir, and its bytes must pass the check its kind's plugin declares
@@ -19,9 +24,8 @@ a plugin that writes the wrong thing is named before anything downstream trusts 
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -31,20 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from filelock import Timeout
+
 from .artifacts import Artifact, sha256_file
-from .cache import Store, is_no_space, safe_relative
-from .environment import package_versions
+from .cache import DEFAULT_LOCK_TIMEOUT_S, Store, is_no_space, safe_relative
+from .code_identity import CodeClosure, code_closure, flush_import_cache, use_import_cache
+from .environment import package_version, package_versions
 from .errors import (
     AccelcError,
     CacheError,
     CapabilityError,
     CorruptEntryError,
+    LockTimeoutError,
     PassError,
     PluginError,
     VerificationError,
 )
 from .graph import PassGraph, unmet
-from .pass_api import PassContext, PassResult
+from .pass_api import DEFAULT_USER_CODE_TIMEOUT_S, PassContext, PassResult
 from .runners import RunnerFactory
 
 
@@ -124,8 +132,16 @@ class Executor:
         host: Any,
         reporter: Reporter | None = None,
         keys: dict[str, tuple[str, dict[str, Any]]] | None = None,
+        user_code_timeout: float | None = DEFAULT_USER_CODE_TIMEOUT_S,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_S,
     ):
+        """``keys``: node id -> ``(key, material)`` computed elsewhere (a Ray task gets its driver's:
+        :mod:`accelc.ray_executor`); ``user_code_timeout``: seconds a model source's ``load`` may take
+        (``None``: no limit); ``lock_timeout``: seconds to wait for another build's lock on a key
+        (``None``: no limit)."""
         self.graph = graph
+        self.user_code_timeout = user_code_timeout
+        self.lock_timeout = lock_timeout
         self.registry = registry
         self.store = store
         self.host = host
@@ -141,12 +157,16 @@ class Executor:
     # -- keys and plan --------------------------------------------------------------------------
     def compute_keys(self) -> None:
         sig = self.graph.recipe.signature.to_json()
+        use_import_cache(self.store.root / "code-imports.json")
+        code: dict[type, str | None] = {}
         for node in self.graph.nodes:
             p = self.registry.passes[node.pass_name]
+            if type(p) not in code:
+                code[type(p)] = pass_code_digest(type(p))
             material = {
                 "pass": node.pass_name,
                 "version": p.version,
-                "code": pass_code_digest(type(p)),
+                "code": code[type(p)],
                 "material": p.key_material(node.options, self.host_for(node), self.registry),
                 "inputs": {slot: self._keys[up][0] for slot, up in sorted(node.inputs.items())},
                 "signature": sig,
@@ -154,6 +174,7 @@ class Executor:
             }
             key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
             self._keys[node.id] = (key, material)
+        flush_import_cache()
 
     def host_for(self, node: Any) -> Any:
         """The host whose facts enter ``node``'s key (this one; a cluster executor names the node's machine)."""
@@ -248,7 +269,7 @@ class Executor:
         try:
             art = self.store.open(key, verify=True)
         except CorruptEntryError:
-            with self.store.lock(key):
+            with self._lock(node_id, key):
                 try:
                     art = self.store.open(key, verify=True)  # repaired by a concurrent build meanwhile
                 except CorruptEntryError as e:
@@ -267,7 +288,7 @@ class Executor:
         if info is not None:
             self.store.touch(key)  # a cache hit is a use (least-recently-used eviction)
             return info.meta, True
-        with self.store.lock(key):
+        with self._lock(node_id, key):
             info = self.store.lookup(key)  # built by a concurrent process while we waited
             if info is not None:
                 self.store.touch(key)
@@ -278,6 +299,35 @@ class Executor:
                 )
                 self.store.evict(key)
             return self._build_locked(node_id, key), False
+
+    @contextlib.contextmanager
+    def _lock(self, node_id: str, key: str) -> Any:
+        """Hold ``key``'s lock; when another build holds it, say which node and lock file this
+        build waits on, and give up after ``lock_timeout`` seconds.
+
+        Raises:
+            LockTimeoutError: the lock was not free within ``lock_timeout``.
+        """
+        lock = self.store.lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            limit = self.lock_timeout
+            until = f"up to {limit:g} s (--lock-timeout)" if limit is not None else "without a limit"
+            waiting = f"waiting for lock {lock.lock_file}: another build is computing {node_id} ({key[:12]})"
+            self.reporter.notice(f"{waiting}; waiting {until}")
+            self.reporter.stage_progress(node_id, waiting)
+            try:
+                lock.acquire(timeout=-1 if limit is None else limit)
+            except Timeout:
+                raise LockTimeoutError(
+                    f"{node_id}: gave up after {limit:g} s waiting for lock {lock.lock_file}, held by another "
+                    "build of the same cache entry; raise --lock-timeout, or stop the build that holds it"
+                ) from None
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     def _build_locked(self, node_id: str, key: str) -> dict[str, Any]:
         """Run the node (its inputs opened, and rebuilt if corrupt) and commit it; the caller holds ``lock(key)``."""
@@ -295,6 +345,7 @@ class Executor:
         p = self.registry.passes[node.pass_name]
         plugin = self.registry.plugin_of("passes", node.pass_name)
         staging = self.store.staging(key)
+        scratch = self.store.pass_scratch(staging)
         who = f"pass '{node.pass_name}' (plugin '{plugin}')"
         ctx = PassContext(
             workdir=staging,
@@ -304,6 +355,8 @@ class Executor:
             sources=self.registry,
             node=node.id,
             progress=lambda msg: self.reporter.stage_progress(node.id, msg),
+            scratch=scratch,
+            user_code_timeout=self.user_code_timeout,
         )
         try:
             try:
@@ -342,19 +395,33 @@ class Executor:
             }
             self.store.commit(key, staging, node.produces, result.main, record)
         finally:
+            shutil.rmtree(scratch, ignore_errors=True)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
 
-@functools.cache
-def pass_code_digest(cls: type) -> str | None:
-    """sha256 of the source file defining a pass class, so editing a pass without bumping its
-    ``version`` still invalidates its entries (``None`` when the source is not on disk)."""
-    try:
-        path = inspect.getsourcefile(cls)
-    except TypeError:
+def pass_code_closure(cls: type) -> CodeClosure | None:
+    """The code a pass runs: the closure of the module defining ``cls`` over local modules and
+    the installed modules of accelc and of the pass's own package (a plugin's), with the versions
+    of other installed distributions it imports (:mod:`accelc.code_identity`). ``None`` when the
+    class has no module on disk."""
+    mod = getattr(cls, "__module__", "") or ""
+    if not mod or mod == "__main__":
         return None
-    return sha256_file(path) if path and os.path.isfile(path) else None
+    try:
+        return code_closure(mod, follow={"accelc", mod.split(".", 1)[0]})
+    except ModuleNotFoundError:
+        return None
+
+
+def pass_code_digest(cls: type) -> str | None:
+    """sha256 over the code a pass runs (:func:`pass_code_closure`) and accelc's own version, so
+    editing a pass or any module it imports, or upgrading accelc, without bumping the pass's
+    ``version`` still invalidates its entries (``None`` when the source is not on disk)."""
+    closure = pass_code_closure(cls)
+    if closure is None:
+        return None
+    return hashlib.sha256(f"{closure.digest()}\0accelc {package_version('accelc')}".encode()).hexdigest()
 
 
 def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:

@@ -14,13 +14,20 @@ says what came out, and contract checks that name the pass that broke them.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .artifacts import Artifact
+from .errors import BuildTimeoutError
 from .signature import InputSignature
+
+T = TypeVar("T")
+#: Default limit (seconds) on user code run through :meth:`PassContext.call_user_code` (a model
+#: source's ``load``): generous for real models (minutes at most), short of "forever".
+DEFAULT_USER_CODE_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,11 @@ class PassContext:
         runners: ``make_runner(artifact, device=..., threads=...)`` for executing any runnable kind.
         sources: registry of model and data sources (used by the loading passes).
         log: a logger whose lines show under the running pass in the progress display.
+        scratch: a directory for temporary files (calibration's augmented model, trial models),
+            kept out of the artifact and under the cache root, so `accelc cache gc` reclaims it if
+            the build is killed (``None``: the system temp dir). Removed when the pass ends.
+        user_code_timeout: seconds that user code run through :meth:`call_user_code` may take
+            (``None``: no limit).
     """
 
     workdir: Path
@@ -132,6 +144,42 @@ class PassContext:
     node: str
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("accelc.pass"))
     progress: Callable[[str], None] = lambda _msg: None
+    scratch: Path | None = None
+    user_code_timeout: float | None = None
+
+    def call_user_code(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under a watchdog: user code (a model's callable) that does not return within
+        ``user_code_timeout`` seconds fails the pass instead of hanging the build.
+
+        Python cannot stop a thread, so ``fn`` runs in a daemon thread and this call stops
+        waiting at the deadline: the pass fails, the executor releases the key's lock and removes
+        the staging dir, and the abandoned thread ends with the process (``accelc build`` exits
+        right after). Exceptions from ``fn`` are re-raised here unchanged.
+
+        Raises:
+            BuildTimeoutError: ``fn`` did not return in time (names the node and ``what``).
+        """
+        if self.user_code_timeout is None:
+            return fn()
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed to the waiting thread
+                box["error"] = e
+
+        worker = threading.Thread(target=target, name=f"accelc-user-code-{self.node}", daemon=True)
+        worker.start()
+        worker.join(self.user_code_timeout)
+        if worker.is_alive():
+            raise BuildTimeoutError(
+                f"pass '{self.node}': {what} did not return within {self.user_code_timeout:g} s "
+                "(--user-code-timeout); the build gave up on it and released its cache lock"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
 
 class Pass:

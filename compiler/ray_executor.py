@@ -427,7 +427,7 @@ def build_on_ray(
         RecipeError, GraphError: before anything runs. AccelcError: Ray is missing. CacheError,
         OutputError: as :func:`accelc.build.build`. Build failures are in each outcome's ``result.failure``.
     """
-    from .build import BuildOutcome, OutputError, _open_store, _publish, prepare
+    from .build import BuildOutcome, OutputError, _open_store, _publish, check_out_dir, prepare
 
     prepared = [prepare(p, target, registry) for p in recipe_paths]
     registry = prepared[0][1] if prepared else registry
@@ -437,6 +437,7 @@ def build_on_ray(
     store = _open_store(cache_dir or default_root(), cache_url, reporter)
     builder = RayBuilder(graphs, registry, store, cache_url, reporter, max_retries)
     for out in outs:
+        check_out_dir(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

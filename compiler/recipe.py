@@ -29,7 +29,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
-from .errors import RecipeError, SchemaIssue
+from .errors import MAX_ECHO, RecipeError, SchemaIssue, cut
 from .signature import InputSignature
 from .targets import PassStep
 
@@ -92,9 +92,13 @@ def _issue(err: ValidationError, prefix: str = "") -> SchemaIssue:
     if err.context:  # oneOf/anyOf: the sub-error that went deepest says most
         err = best_match(err.context)
     where = json_path(list(err.absolute_path))
+    message = err.message
+    shown = repr(err.instance)
+    if len(shown) > MAX_ECHO and shown in message:  # jsonschema repeats the whole offending value
+        message = message.replace(shown, cut(shown))
     if prefix:
         where = prefix if where == "(root)" else f"{prefix}.{where}" if not where.startswith("[") else prefix + where
-    return SchemaIssue(where, err.message)
+    return SchemaIssue(cut(where, 200), cut(message, 400))
 
 
 def schema_issues(schema: dict[str, Any], instance: Any, prefix: str = "") -> list[SchemaIssue]:
@@ -116,11 +120,35 @@ def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML says keys are
+    unique; PyYAML would keep the last one silently, so ``name:`` written twice would pick one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {cut(repr(key))} (first at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file safely. Raises :class:`RecipeError` for a missing, huge or malformed file.
 
     Aliases are refused: they are rare in recipes and are how a few bytes of YAML expand
-    into gigabytes ("billion laughs"). Explicit tags other than the JSON-compatible core
+    into gigabytes ("billion laughs"). A key given twice in one mapping is refused, naming the
+    key and both lines. Explicit tags other than the JSON-compatible core
     ones are refused, and so is nesting deeper than :data:`MAX_DEPTH`; both are checked on
     the event stream, before anything is constructed.
     """
@@ -159,7 +187,7 @@ def read_yaml(path: Path) -> Any:
                     raise RecipeError(where, f"invalid YAML: {at(event)}nesting is deeper than {MAX_DEPTH} levels")
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -295,7 +323,8 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         issues.append(
             SchemaIssue(
                 "model.source",
-                f"unknown model source '{raw['model']['source']}' (known: {', '.join(sorted(registry.model_sources))})",
+                f"unknown model source '{cut(raw['model']['source'])}' "
+                f"(known: {', '.join(sorted(registry.model_sources))})",
             )
         )
     else:
@@ -308,7 +337,7 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         src = registry.data_sources.get(name)
         if src is None:
             known = ", ".join(sorted(registry.data_sources))
-            issues.append(SchemaIssue(f"data.{role}.source", f"unknown data source '{name}' (known: {known})"))
+            issues.append(SchemaIssue(f"data.{role}.source", f"unknown data source '{cut(name)}' (known: {known})"))
             continue
         issues += schema_issues(src.options_schema, spec, f"data.{role}")
         data[role] = {"source": name, **spec}
@@ -317,14 +346,14 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if target_name not in registry.targets:
         field_name = "--target" if target_override else "target"
         known = ", ".join(sorted(registry.targets))
-        issues.append(SchemaIssue(field_name, f"unknown target '{target_name}' (known: {known})"))
+        issues.append(SchemaIssue(field_name, f"unknown target '{cut(target_name)}' (known: {known})"))
 
     steps = normalize_passes(raw["passes"]) if "passes" in raw else None
     for i, step in enumerate(steps or []):
         p = registry.passes.get(step.name)
         if p is None:
             known = ", ".join(sorted(registry.passes))
-            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{step.name}' (known: {known})"))
+            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{cut(step.name)}' (known: {known})"))
             continue
         issues += schema_issues(p.options_schema, step.options, f"passes[{i}].{step.name}")
 

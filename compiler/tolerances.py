@@ -63,15 +63,27 @@ TOLERANCES_SCHEMA: dict[str, Any] = tolerances_schema()
 
 
 def tolerance_failures(metrics: dict[str, Any], tolerances: dict[str, float]) -> list[str]:
-    """Human-readable lines for every tolerance the metrics miss (empty when all hold); a
-    tolerance whose metric is absent (``accuracy_drop`` without labels) is skipped."""
+    """Human-readable lines for every tolerance the metrics miss (empty when all hold).
+
+    Outputs with non-finite samples (``nonfinite_samples`` > 0) always fail, tolerances or not;
+    a metric that is NaN or ``None`` never satisfies a tolerance (``v < bound`` is False for NaN,
+    so a plain comparison would pass it). A tolerance whose metric is absent (``accuracy_drop``
+    without labels) is skipped.
+    """
     out = []
+    bad = metrics.get("nonfinite_samples") or 0
+    if bad:
+        ref_bad = metrics.get("reference_nonfinite_samples") or 0
+        whose = f" (the source model's own outputs in {ref_bad} of them)" if ref_bad else ""
+        out.append(f"{bad} of {metrics.get('samples')} samples have non-finite outputs (NaN or Inf){whose}")
     for name, bound in tolerances.items():
         t = TOLERANCES[name]
         if t.metric not in metrics:
             continue
         v = metrics[t.metric]
-        if (t.sense == "min" and v < bound) or (t.sense == "max" and v > bound):
-            rel = ">=" if t.sense == "min" else "<="
+        rel = ">=" if t.sense == "min" else "<="
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            out.append(f"{t.metric} = {v}, required {rel} {bound:g}")
+        elif not ((t.sense == "min" and v >= bound) or (t.sense == "max" and v <= bound)):
             out.append(f"{t.metric} = {v:.6g}, required {rel} {bound:g}")
     return out

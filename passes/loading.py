@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from accelc.artifacts import Artifact
-from accelc.errors import PassError
+from accelc.errors import DataError, PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 
 
@@ -34,7 +34,9 @@ class LoadModel(Pass):
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         import torch
 
-        model = ctx.sources.model_sources[options["source"]].load(options)
+        source = ctx.sources.model_sources[options["source"]]
+        what = f"model source '{options['source']}'" + (f" ({options['callable']})" if options.get("callable") else "")
+        model = ctx.call_user_code(what, lambda: source.load(options))
         torch.save(model, ctx.workdir / "model.pt")
         params = sum(p.numel() for p in model.parameters())
         meta = {
@@ -48,6 +50,10 @@ class LoadData(Pass):
     """Read a dataset through its data source and store the preprocessed arrays (``<role>.data``).
 
     Output: ``data.npz`` with one array per model input, ``(N, *shape[1:])``, and optional ``labels`` ``(N,)`` int64.
+
+    Raises:
+        DataError: the data holds 0 samples, or a float input holds NaN or infinite values
+            (naming the file and the first affected samples), so no tolerance is ever checked on them.
     """
 
     name = "load_data"
@@ -74,8 +80,23 @@ class LoadData(Pass):
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         spec = options["spec"]
         arrays = ctx.sources.data_sources[spec["source"]].load(spec, ctx.signature)
+        where = f"data.{options['role']}" + next(
+            (f" ({spec[k]})" for k in ("tensors", "images", "path", "file") if isinstance(spec.get(k), str)), ""
+        )
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        if n == 0:
+            raise DataError(f"{where}: holds 0 samples; calibration and verification need at least one")
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.dtype.kind in "fc" and a.size:
+                bad = ~np.isfinite(a.reshape(len(a), -1)).all(1)
+                if bad.any():
+                    first = [int(i) for i in np.flatnonzero(bad)[:5]]
+                    raise DataError(
+                        f"{where}: input '{name}' holds NaN or infinite values in {int(bad.sum())} of {len(a)} "
+                        f"samples (first: sample {', '.join(map(str, first))}); every input value must be finite"
+                    )
         np.savez(ctx.workdir / "data.npz", **arrays)
-        n = len(next(iter(arrays.values())))
         return PassResult("data.npz", metrics={"samples": n, "labels": "labels" in arrays})
 
 

@@ -234,7 +234,7 @@ class Calibrate(Pass):
             extra["num_bins"] = ENTROPY_DEFAULT_BINS
         batch = min(options["batch_size"], ctx.signature.max_batch())
         ctx.progress(f"calibrating ({method})")
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-") as tmp, quiet_logger("onnxruntime"):
+        with tempfile.TemporaryDirectory(prefix="accelc-calib-", dir=ctx.scratch) as tmp, quiet_logger("onnxruntime"):
             try:
                 cal = create_calibrator(
                     Path(model),
@@ -266,7 +266,7 @@ class Calibrate(Pass):
         tables.mkdir()
         trials: list[dict[str, Any]] = []
         tensors = 0
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-", dir=ctx.scratch) as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
             for method in options["candidates"]:
                 ranges = self._collect(ctx, inputs["model"].file, data, method, options)
@@ -486,7 +486,7 @@ class Quantize(Pass):
             timing[what] = timing.get(what, 0.0) + now - clock
             clock = now
 
-        with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-") as tmp_dir:
+        with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-", dir=ctx.scratch) as tmp_dir:
             tmp = Path(tmp_dir)
             ctx.progress("full INT8: quantize and verify")
             full = quantize_model(

@@ -18,29 +18,44 @@ from .loading import iter_batches, load_arrays
 def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of ``out`` against ``ref``, both ``(N, ...)`` float; rows are flattened to vectors.
 
-    Returns ``samples``, ``top1_agreement`` (share of rows with equal arg-max), ``cosine``
-    (mean row cosine similarity) and ``cosine_min``, ``max_abs_error``, ``mean_abs_error``;
-    with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``.
+    Returns ``samples``, ``nonfinite_samples`` (rows where either output holds a NaN or an
+    infinity), and over the finite rows ``top1_agreement`` (share of rows with equal arg-max),
+    ``cosine`` (mean row cosine similarity) and ``cosine_min``, ``max_abs_error``,
+    ``mean_abs_error``; with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and
+    ``accuracy_drop``. A metric with no finite row to measure is ``None``. Non-finite rows never
+    count as agreeing: :func:`tolerance_failures` fails any result that has them.
     """
     if ref.shape != out.shape:
         raise VerificationError(
             f"output shape {list(out.shape)} differs from the source model's {list(ref.shape)}"
         )
-    r = ref.reshape(len(ref), -1).astype(np.float64)
-    o = out.reshape(len(out), -1).astype(np.float64)
+    r_all = ref.reshape(len(ref), -1).astype(np.float64)
+    o_all = out.reshape(len(out), -1).astype(np.float64)
+    finite = np.isfinite(r_all).all(1) & np.isfinite(o_all).all(1)
+    r, o = r_all[finite], o_all[finite]
+    m: dict[str, Any] = {
+        "samples": int(len(r_all)),
+        "nonfinite_samples": int((~finite).sum()),
+        "reference_nonfinite_samples": int((~np.isfinite(r_all).all(1)).sum()),
+    }
+    if len(r) == 0:
+        m.update(top1_agreement=None, cosine=None, cosine_min=None, max_abs_error=None, mean_abs_error=None)
+        if labels is not None:
+            m.update(accuracy=None, reference_accuracy=None, accuracy_drop=None)
+        return m
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
     cos = np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
     diff = np.abs(r - o)
-    m: dict[str, Any] = {
-        "samples": int(len(r)),
-        "top1_agreement": float((r.argmax(1) == o.argmax(1)).mean()),
-        "cosine": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "max_abs_error": float(diff.max()),
-        "mean_abs_error": float(diff.mean()),
-    }
+    m.update(
+        top1_agreement=float((r.argmax(1) == o.argmax(1)).mean()),
+        cosine=float(cos.mean()),
+        cosine_min=float(cos.min()),
+        max_abs_error=float(diff.max()),
+        mean_abs_error=float(diff.mean()),
+    )
     if labels is not None:
-        acc, ref_acc = float((o.argmax(1) == labels).mean()), float((r.argmax(1) == labels).mean())
+        lab = np.asarray(labels)[finite]
+        acc, ref_acc = float((o.argmax(1) == lab).mean()), float((r.argmax(1) == lab).mean())
         m.update(accuracy=acc, reference_accuracy=ref_acc, accuracy_drop=max(0.0, ref_acc - acc))
     return m
 

@@ -87,8 +87,10 @@ def test_pass_source_code_is_in_the_key(tmp_path):
     """Editing a pass's module (without bumping its version) must not reuse old entries."""
     import accelc.passes.quantization as q
     from accelc.artifacts import sha256_file
+    from accelc.executor import pass_code_closure, pass_code_digest
 
     graph, reg = prepare(write_tiny_recipe(tmp_path))
     ex = Executor(graph, reg, Store(tmp_path / "store"), Host())
-    assert ex._keys["quantize"][1]["code"] == sha256_file(q.__file__)
+    assert ex._keys["quantize"][1]["code"] == pass_code_digest(type(reg.passes["quantize"]))
+    assert pass_code_closure(type(reg.passes["quantize"])).modules[q.__name__] == sha256_file(q.__file__)
     assert ex._keys["export_onnx"][1]["code"] != ex._keys["quantize"][1]["code"]

@@ -12,12 +12,14 @@ How each test was checked to fail without its mechanism:
 * sweep: ``gc`` used to skip entry dirs without a readable meta.json and never looked in ``tmp/``;
 * ENOSPC: without the ``is_no_space`` mapping a pass's full disk was a generic ``PassError``;
   without ``OutputError`` a full out dir was an ``OSError`` traceback with a ``.tmp`` file left;
-  without removing the old ``accelc.lock`` first, it kept describing an out dir being rewritten.
+  a publish that fails leaves the previous generation current, whose ``accelc.lock`` describes
+  the files beside it (before generations, the old lock was removed first).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pathlib
 
@@ -172,8 +174,10 @@ def test_full_out_dir_fails_clearly_and_leaves_no_half_written_file(
     with pytest.raises(OutputError, match="disk full") as e:
         build(reliability_golden.int8.recipe, out_dir=out, cache_dir=reliability_warm_cache)
     assert e.value.exit_code == 6
-    assert not (out / "accelc.lock").exists()  # no lock claims files this build did not finish writing
+    lock = json.loads((out / "accelc.lock").read_text())  # the previous generation stays whole and current
+    assert lock["final"]["digest"] == reliability_golden.int8.report["final_digest"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert len(list((out / ".accelc" / "generations").iterdir())) == 1  # the failed one's is removed
     assert (out / "model.onnx").read_bytes() == reliability_golden.int8.final_bytes  # never half-written
     r = CliRunner().invoke(main, ["cache", "verify", "--cache-dir", str(reliability_warm_cache)])
     assert r.exit_code == 0  # the cache is untouched

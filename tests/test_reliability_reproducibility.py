@@ -62,7 +62,8 @@ def test_two_no_cache_builds_give_bit_identical_final_artifacts(reliability_gold
         if s["artifact"]["digest"] != t["artifact"]["digest"]
     }
     assert differ <= set(NONDETERMINISTIC), f"unexpected non-deterministic passes: {differ - set(NONDETERMINISTIC)}"
-    assert not shared.exists()  # --no-cache neither reads nor writes the shared cache
+    # --no-cache neither reads nor writes the shared entries; its private store was scratch under the root, now gone
+    assert list((shared / "entries").iterdir()) == [] and list((shared / "scratch").iterdir()) == []
 
 
 def _env(args: list[str]) -> tuple[int, dict, str]:

@@ -5,12 +5,14 @@ preprocessing, optionally multiplied by seeded random-resized crops) and ``tenso
 from __future__ import annotations
 
 import math
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, cut
 from . import DataSource, digest_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -83,7 +85,7 @@ class ImagesSource(DataSource):
     def _files(options: dict[str, Any]) -> list[Path]:
         folder = Path(options["images"])
         if not folder.is_dir():
-            raise DataError(f"data.images: folder {folder} does not exist")
+            raise DataError(f"data.images: {describe_path(folder, 'folder')}")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"data.images: folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -122,10 +124,15 @@ class ImagesSource(DataSource):
         samples, labels = [], []
         for path in self._files(options):
             try:
-                with Image.open(path) as im:
+                with Image.open(path) as im:  # Pillow refuses over 2 * MAX_IMAGE_PIXELS before decoding
                     img = im.convert("RGB")
+            except Image.DecompressionBombError as e:
+                raise DataError(
+                    f"data.images: {path} is too large to decode safely ({cut(e, 160)}); "
+                    "resize it below Pillow's MAX_IMAGE_PIXELS"
+                ) from e
             except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise DataError(f"data.images: cannot decode {path}: {e}") from e
+                raise DataError(f"data.images: cannot decode {path}: {cut(e, 160)}") from e
             views = [_center(img, resize, crop)]
             for _ in range(per_image - 1):
                 views.append(_random_resized(img, crop, crops.get("min_scale", 0.25), rng))
@@ -168,7 +175,7 @@ class TensorsSource(DataSource):
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         p = Path(options["tensors"])
         if not p.is_file():
-            raise DataError(f"data.tensors: file {p} does not exist")
+            raise DataError(f"data.tensors: {describe_path(p, 'file')}")
         return {
             "sha256": digest_files([p]),
             "limit": options.get("limit"),
@@ -179,18 +186,32 @@ class TensorsSource(DataSource):
         p = Path(options["tensors"])
         try:
             loaded = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"data.tensors: cannot read {p} as .npy/.npz: {e}") from e
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"data.tensors: cannot read {p} as .npy/.npz: {cut(e, 160)}") from e
         limit = options.get("limit")
         if isinstance(loaded, np.ndarray):
             arrays = {signature.inputs[0].name: loaded}
         else:
-            arrays = {k: loaded[k] for k in loaded.files}
+            arrays = {}
+            for k in loaded.files:
+                try:
+                    arrays[k] = loaded[k]
+                except ValueError as e:  # an object array (a pickle) under allow_pickle=False
+                    raise DataError(
+                        f"data.tensors: array '{cut(k)}' in {p} cannot be read without unpickling "
+                        f"({cut(e, 160)}); save plain numeric arrays"
+                    ) from e
+                except (OSError, EOFError, zipfile.BadZipFile) as e:
+                    raise DataError(f"data.tensors: array '{cut(k)}' in {p} is unreadable: {cut(e, 160)}") from e
         out: dict[str, Any] = {}
         for spec in signature.inputs:
             if spec.name not in arrays:
                 raise DataError(f"data.tensors: {p} has no array '{spec.name}' (has: {', '.join(arrays)})")
             a = np.asarray(arrays[spec.name])
+            if a.dtype.kind not in "biuf":
+                raise DataError(f"data.tensors: '{spec.name}' in {p} has dtype {a.dtype}; expected numbers")
+            if a.ndim >= 1 and len(a) == 0:
+                raise DataError(f"data.tensors: '{spec.name}' in {p} holds 0 samples")
             if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != tuple(spec.shape[1:]):
                 raise DataError(
                     f"data.tensors: '{spec.name}' in {p} has shape {list(a.shape)}, "
@@ -203,9 +224,23 @@ class TensorsSource(DataSource):
         return out
 
 
+def describe_path(p: Path, expected: str) -> str:
+    """Why ``p`` is not the ``expected`` kind of path (``"file"`` or ``"folder"``): it does not
+    exist, or it is a directory, a file or something else (a device, a socket)."""
+    if not os.path.lexists(p):
+        return f"{expected} {p} does not exist"
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a broken symlink (to {os.readlink(p)})"
+    if p.is_dir():
+        return f"{p} is a directory, not a {expected}"
+    if p.is_file():
+        return f"{p} is a file, not a {expected}"
+    return f"{p} is not a regular {expected} (a device, socket or pipe)"
+
+
 def _read_labels(path: Path) -> dict[str, int]:
     if not path.is_file():
-        raise DataError(f"data.labels: file {path} does not exist")
+        raise DataError(f"data.labels: {describe_path(path, 'file')}")
     out = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()

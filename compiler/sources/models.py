@@ -8,9 +8,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import sha256_file
+from ..code_identity import changed_since_first_seen, code_closure
 from ..environment import package_version
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, cut
 from ..runners import scoped_sys_path
 from . import WEIGHTS_SCHEMA, ModelSource, load_state_dict_into, weights_identity
 
@@ -88,8 +88,10 @@ class PythonSource(ModelSource):
     """Any callable ``"package.module:attr.path"`` that returns an ``nn.Module``.
 
     ``path`` (relative to the recipe) is put on ``sys.path`` first, for models defined
-    next to the recipe. The code's identity in the cache key is the sha256 of the
-    module's source file plus its distribution version, if installed.
+    next to the recipe. The code's identity in the cache key is its code closure
+    (:mod:`accelc.code_identity`): the sha256 of the callable's module and of every local
+    (not installed) module it imports, transitively, plus the versions of the installed
+    distributions they import (and of the module's own, if it is installed).
     """
 
     name = "python"
@@ -118,15 +120,22 @@ class PythonSource(ModelSource):
                 spec = None
         if spec is None or not spec.origin or not Path(spec.origin).is_file():
             where = f" (looked in {options['path']} and sys.path)" if options.get("path") else ""
-            raise ModelSourceError(f"model.callable: module '{mod}' not found{where}")
+            raise ModelSourceError(f"model.callable: module '{cut(mod)}' not found{cut(where)}")
         return Path(spec.origin)
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         mod = options["callable"].split(":", 1)[0]
+        self._module_file(options)  # a clear error when the module is missing
+        search = [options["path"]] if options.get("path") else []
+        try:
+            closure = code_closure(mod, search=search)
+        except ModuleNotFoundError as e:
+            raise ModelSourceError(f"model.callable: module '{cut(mod)}' not found") from e
         return {
             "callable": options["callable"],
-            "code_sha256": sha256_file(self._module_file(options)),
-            "distribution": package_version(mod.split(".")[0].replace("_", "-")),
+            "code_sha256": closure.digest(),
+            "modules": closure.modules,
+            "distributions": closure.distributions,
             "kwargs": options.get("kwargs", {}),
             "weights": weights_identity(options.get("weights")),
             "seed": options.get("seed", 0),
@@ -137,6 +146,13 @@ class PythonSource(ModelSource):
 
         mod_name, attr = options["callable"].split(":", 1)
         self._module_file(options)
+        search = [options["path"]] if options.get("path") else []
+        stale = changed_since_first_seen(code_closure(mod_name, search=search).modules)
+        if stale:  # Python would run the copies imported earlier, not the code the cache key describes
+            raise ModelSourceError(
+                f"model.callable: {cut(', '.join(stale))} changed on disk after this process imported it; "
+                "run the build in a new process (e.g. `accelc build`)"
+            )
         with scoped_sys_path(options.get("path")):
             try:
                 obj: Any = importlib.import_module(mod_name)
