@@ -126,13 +126,15 @@ class SnapshotHost(Host):
 
 def host_facts() -> dict[str, Any]:
     """This machine's facts that passes put in their keys (run inside a probe task)."""
+    from accelc.passes.tensorrt import tensorrt_version  # at run time, on the worker: the core imports no pass
+
     h = Host()
     return {
         "cpu_model": h.cpu_model,
         "cpu_flags": sorted(h.cpu_flags),
         "cpu_count": h.cpu_count,
         "cuda": h.cuda,
-        "tensorrt": h.tensorrt_version,
+        "tensorrt": tensorrt_version(h),
     }
 
 
