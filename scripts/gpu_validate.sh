@@ -155,4 +155,10 @@ step bench bench
 if [[ -f "$RESULTS/summary.md" ]]; then
     cat "$RESULTS/summary.md"
 fi
+if [[ "${RESULTS_PACK:-0}" == 1 ]]; then
+    # Where only a few files can be copied back from the GPU machine: everything in one archive,
+    # the two summaries beside it.
+    tar -czf "$BUILD_ROOT/results.tar.gz" -C "$RESULTS" . && find "$RESULTS" -mindepth 1 \
+        ! -name summary.md ! -name summary.json -delete && mv "$BUILD_ROOT/results.tar.gz" "$RESULTS/"
+fi
 exit "$FAILED"
