@@ -95,7 +95,8 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     target = registry.targets[recipe.target]
     runtime = recipe.runtime or target.default_runtime
     try:
-        pipeline = target.pipeline(runtime, recipe.precision)
+        family = getattr(registry.model_sources.get(recipe.model.get("source")), "family", None)
+        pipeline = target.pipeline(runtime, recipe.precision, family)
     except KeyError as e:
         raise GraphError(str(e.args[0])) from e
     steps = list(recipe.passes) if recipe.passes is not None else list(pipeline.steps)
@@ -192,6 +193,7 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         if step.name in verify_after:
             tol = {**tolerances, **stage_tol.get(step.name, {})}
             vopts = {"tolerances": tol, "batch_size": verify_cfg.get("batch_size", 16)}
+            vopts.update({k: verify_cfg[k] for k in ("output", "recall_k", "degenerate") if k in verify_cfg})
             add("verify", vopts, node_id=f"verify[{node.id}]")
 
     if recipe.benchmark.get("enabled", True) and "benchmark" not in step_names:

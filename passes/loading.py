@@ -39,8 +39,12 @@ class LoadModel(Pass):
         params = sum(p.numel() for p in model.parameters())
         meta = {
             "input_names": ctx.signature.names,
-            "pythonpath": [options["path"]] if options.get("path") else [],
+            "pythonpath": [options["path"]] if options.get("path") and options["source"] == "python" else [],
         }
+        if getattr(model, "accelc_output_kind", None):  # e.g. embedding: verify compares accordingly
+            meta["output_kind"] = model.accelc_output_kind
+        if getattr(model, "accelc_model_config", None):  # heads, hidden size: for the transformer optimizer
+            meta["model_config"] = model.accelc_model_config
         return PassResult("model.pt", metrics={"parameters": params}, meta=meta)
 
 
@@ -124,4 +128,9 @@ class Reference(Pass):
         if not outs:
             raise PassError("reference: the validation set is empty")
         np.savez(ctx.workdir / "outputs.npz", **{f"output{i}": np.concatenate(o) for i, o in enumerate(outs)})
-        return PassResult("outputs.npz", metrics={"samples": int(sum(len(b) for b in outs[0]))})
+        kind = inputs["model"].meta.get("output_kind")
+        return PassResult(
+            "outputs.npz",
+            metrics={"samples": int(sum(len(b) for b in outs[0]))},
+            meta={"output_kind": kind} if kind else {},
+        )

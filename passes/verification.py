@@ -12,6 +12,7 @@ from accelc.errors import VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 
 from .loading import iter_batches, load_arrays
+from .output_metrics import OUTPUT_KINDS, compare_by_kind, infer_output_kind
 
 #: tolerance name -> (metric, "min" | "max"): whether the metric must stay above or below it.
 TOLERANCES = {
@@ -20,6 +21,8 @@ TOLERANCES = {
     "max_abs_error": ("max_abs_error", "max"),
     "mean_abs_error": ("mean_abs_error", "max"),
     "accuracy_drop": ("accuracy_drop", "max"),
+    "cosine_min": ("cosine_min", "min"),
+    "neighbor_recall": ("neighbor_recall", "min"),
 }
 
 
@@ -84,7 +87,7 @@ class Verify(Pass):
     )
     produces = "verification.report"
     final = False
-    key_ignores = ("tolerances",)
+    key_ignores = ("tolerances", "degenerate")
     env_packages = ("onnxruntime", "torch", "numpy")
     options_schema = {
         "type": "object",
@@ -98,6 +101,18 @@ class Verify(Pass):
             },
             "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
+            "output": {
+                "enum": ["auto", *OUTPUT_KINDS],
+                "default": "auto",
+                "description": "How outputs are compared (accelc.passes.output_metrics); auto: what the model "
+                "source declares, else classes for (N, C), hidden_states for (N, S, D).",
+            },
+            "recall_k": {"type": "integer", "minimum": 1, "default": 5, "description": "k of neighbour recall@k."},
+            "degenerate": {
+                "enum": ["fail", "warn"],
+                "default": "fail",
+                "description": "A reference whose outputs do not vary over the samples: fail the stage or warn.",
+            },
         },
     }
 
@@ -107,12 +122,20 @@ class Verify(Pass):
         runner = ctx.runners.make(inputs["artifact"], device=options["device"])
         batch = min(options["batch_size"], ctx.signature.max_batch())
         outs = [runner.run(feeds)[0] for _, feeds in iter_batches(data, ctx.signature.names, batch)]
-        metrics = compare_outputs(ref, np.concatenate(outs), data.get("labels"))
+        declared = None if options.get("output", "auto") == "auto" else options["output"]
+        kind = infer_output_kind(ref, declared or inputs["reference"].meta.get("output_kind"), data.get("labels"))
+        metrics = compare_by_kind(
+            ref, np.concatenate(outs), kind, labels=data.get("labels"), mask=data.get("attention_mask"),
+            k=options.get("recall_k", 5),
+        )
         metrics["stage_kind"] = inputs["artifact"].kind
         (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return PassResult("metrics.json", metrics=metrics)
 
     def check(self, result_metrics: dict[str, Any], options: dict[str, Any]) -> None:
         failures = tolerance_failures(result_metrics, options.get("tolerances", {}))
+        reason = result_metrics.get("degenerate_reference")
+        if reason and options.get("degenerate", "fail") == "fail":
+            failures.insert(0, f"the reference cannot judge this stage: {reason} (verify.degenerate: warn to accept)")
         if failures:
             raise VerificationError("; ".join(failures))

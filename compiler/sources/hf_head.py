@@ -32,6 +32,12 @@ class EncoderWithHead(torch.nn.Module):
         self.bare = bare
         self.output_kind = "embedding" if pooling else ("hidden_states" if bare else "logits")
         self.accelc_output_kind = self.output_kind
+        cfg = model.config
+        self.accelc_model_config = {
+            "model_type": getattr(cfg, "model_type", None),
+            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+        }
 
     def forward(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Any:
         kwargs: dict[str, Any] = {"input_ids": input_ids}
