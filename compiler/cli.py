@@ -52,6 +52,11 @@ def _summary(metrics: dict[str, Any]) -> str:
             f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, "
             f"max abs err {metrics['max_abs_error']:.3g}"
         )
+    if "neighbor_recall" in metrics:
+        return (
+            f"{metrics.get('output_kind')}: cosine {metrics['cosine']:.5f} (min {metrics['cosine_min']:.4f}), "
+            f"neighbour recall@{metrics.get('recall_k')} {metrics['neighbor_recall']:.3f}"
+        )
     if "batch" in metrics:
         parts = [
             f"bs{bs}: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['throughput']:.0f}/s"

@@ -12,8 +12,8 @@ Accuracy-aware fallback (``fallback: auto``): when the quantized model misses ``
 the validation set, the quantized nodes are ranked by their local output error (each node's
 float input from the float model on a few calibration samples, quantized as ONNX Runtime does at
 run time: u8 per tensor with a zero point; its weight as the pass quantizes it), and the worst
-ones are kept in float, one more per trial, until the tolerances hold or ``max_fp32_nodes`` is
-reached. Every trial is recorded.
+ones are kept in float until the tolerances hold or ``max_fp32_nodes`` is reached (counts tried
+1, 2, 4, ..., then bisected: :func:`search_count`). Every trial is recorded.
 """
 
 from __future__ import annotations
@@ -168,6 +168,32 @@ def rank_by_local_error(
     return sorted(ranking, key=lambda r: -r["relative_error"])
 
 
+def search_count(most: int, passes: Any) -> int | None:
+    """The smallest ``k`` in ``1..most`` with ``passes(k)`` true, trying 1, 2, 4, ... (and ``most``),
+    then bisecting between the last failing and the first passing count; ``None`` when ``most``
+    fails too. Assumes that keeping more nodes in float does not make things worse (each count
+    tried is recorded by ``passes``, so a report shows where that did not hold).
+    """
+    if most < 1:
+        return None
+    lo, k = 0, 1
+    while True:
+        k = min(k, most)
+        if passes(k):
+            break
+        if k == most:
+            return None
+        lo, k = k, k * 2
+    hi = k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 class QuantizeDynamic(Pass):
     """Dynamic INT8 (``onnxruntime.quantization.quantize_dynamic``) of a float ONNX model.
 
@@ -295,7 +321,8 @@ class QuantizeDynamic(Pass):
                 ctx.progress("rank nodes by local INT8 error")
                 ranking = rank_by_local_error(src, {k: probe_src[k][pick] for k in names}, names, options)
                 if options["fallback"] == "auto":
-                    for k in range(1, min(options["max_fp32_nodes"], len(ranking)) + 1):
+
+                    def trial(k: int) -> bool:
                         fp32 = [r["node"] for r in ranking[:k]]
                         ctx.progress(f"fallback trial: {k} node(s) in float")
                         path = quantize_dynamic_model(
@@ -303,10 +330,12 @@ class QuantizeDynamic(Pass):
                         )
                         files[k] = path
                         trials.append({"trial": k, "fp32_nodes": fp32, **evaluate(path)})
-                        if trials[-1]["passed"]:
-                            break
-            kept = next((t for t in trials if t["passed"]), None)
+                        return trials[-1]["passed"]
+
+                    search_count(min(options["max_fp32_nodes"], len(ranking)), trial)
+            kept = min((t for t in trials if t["passed"]), key=lambda t: t["trial"], default=None)
             chosen = kept or max(trials, key=lambda t: (t.get("neighbor_recall", 0), t.get("cosine", 0)))
+            chosen["kept"] = kept is not None
             shutil.copyfile(files[chosen["trial"]], out)
         metrics: dict[str, Any] = {
             "kept": "none (tolerances missed)" if kept is None else (
@@ -315,7 +344,7 @@ class QuantizeDynamic(Pass):
             "tolerances": tolerances,
             "output_kind": kind,
             "trials": trials,
-            "sensitivity": ranking[:16],
+            "local_error_ranking": ranking[:16],
         }
         if kept is None:
             metrics["tolerance_failures"] = chosen["failures"]
@@ -327,7 +356,7 @@ class QuantizeDynamic(Pass):
         if not failures:
             return
         top = ", ".join(f"{r['node']} ({r['op_type']}, local error {r['relative_error']:.3g})"
-                        for r in result_metrics.get("sensitivity", [])[:5])
+                        for r in result_metrics.get("local_error_ranking", [])[:5])
         hint = ("set quantize_dynamic: {fallback: auto, max_fp32_nodes: N}" if options.get("fallback") != "auto"
                 else f"raise quantize_dynamic.max_fp32_nodes (now {options.get('max_fp32_nodes')})")
         raise VerificationError(f"dynamic INT8 misses the tolerances: {'; '.join(failures)}. Worst nodes: "

@@ -31,8 +31,8 @@ class OptimizeTransformer(Pass):
 
     ``num_heads`` and ``hidden_size`` are read from the model's own config (the ``transformers``
     model source records them; options override, 0 lets the optimizer detect them). ``opt_level``
-    0 applies the Python fusions only (ONNX Runtime applies its own graph optimizations again when
-    a session loads the model). Metrics: ``fusions`` (``get_fused_operator_statistics()``, only the
+    1 (default) runs ONNX Runtime's basic optimizations before the Python fusions; 0 the fusions
+    only. Metrics: ``fusions`` (``get_fused_operator_statistics()``, only the
     non-zero counts), ``nodes_before``/``nodes``, and ``num_heads``/``hidden_size`` used. The
     output graph holds ``com.microsoft`` operators: it runs on ONNX Runtime.
     """
@@ -49,7 +49,12 @@ class OptimizeTransformer(Pass):
             "model_type": {"enum": list(MODEL_TYPES), "description": "Unset: the model config's, else bert."},
             "num_heads": {"type": "integer", "minimum": 0, "description": "Unset: from the model config."},
             "hidden_size": {"type": "integer", "minimum": 0, "description": "Unset: from the model config."},
-            "opt_level": {"enum": [0, 1, 2, 99], "default": 0},
+            "opt_level": {
+                "enum": [0, 1, 2, 99],
+                "default": 1,
+                "description": "1 (the optimizer's default for BERT): ONNX Runtime's basic graph optimizations "
+                "(constant folding of the mask and shape subgraphs) first, which the Attention fusion needs.",
+            },
             "use_gpu": {"type": "boolean", "default": False},
         },
     }
