@@ -228,12 +228,23 @@ def test_tiny_bert_builds_with_fusions_dynamic_int8_and_embedding_metrics(bert_d
         == ["optimize_transformer", "quantize_dynamic"]  # the cpu target's transformer pipeline
     opt = stages["optimize_transformer"]["metrics"]
     assert opt["num_heads"] == 4 and opt["hidden_size"] == 32  # read from the model's config.json
-    assert opt["fusions"].get("BiasGelu") == 2 and opt["nodes"] < opt["nodes_before"]
+    assert opt["fusions"].get("Attention") == 2 and opt["fusions"].get("BiasGelu") == 2
+    assert opt["nodes"] < opt["nodes_before"]
     q = stages["quantize_dynamic"]["metrics"]
-    # 6 weight MatMuls per layer become INT8; the two activation x activation products (Q.K^T, P.V) stay float
-    assert q["quantized"].get("MatMulInteger") == 12 and q["float_remaining"] == {"MatMul": 4}
+    # each fused Attention becomes one QAttention; the 3 other weight MatMuls per layer become MatMulInteger
+    assert q["quantized"] == {"QAttention": 2, "MatMulInteger": 6} and q["float_remaining"] == {}
     v = stages["verify[quantize_dynamic]"]["metrics"]
     assert v["output_kind"] == "embedding" and "top1_agreement" not in v
     assert 0.9 < v["cosine"] <= 1.0 and 0 <= v["neighbor_recall"] <= 1 and v["recall_k"] == 5
     b = stages["benchmark"]["metrics"]
     assert b["sequence"] == 16 and b["batch_sequence"]["1x8"]["sequence"] == 8
+
+
+def test_fallback_search_finds_the_smallest_passing_count_in_few_trials():
+    from accelc.passes.dynamic_quantization import search_count
+
+    for need in range(1, 13):
+        tried: list[int] = []
+        found = search_count(12, lambda k, need=need: tried.append(k) or k >= need)
+        assert found == need and len(tried) <= 7, (need, tried)  # linear search: up to 12
+    assert search_count(12, lambda k: False) is None and search_count(0, lambda k: True) is None
