@@ -367,7 +367,7 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
 
 
 #: Artifact kinds by the container format of their primary file (see :mod:`accelc.artifacts`).
-ONNX_KINDS = ("onnx", "onnx.qdq")
+ONNX_KINDS = ("onnx", "onnx.qdq", "onnx.dynamic")
 NPZ_KINDS = ("calibration.data", "validation.data", "reference.outputs")
 JSON_KINDS = ("calibration.table", "verification.report", "benchmark.report", "runtime.config")
 TORCH_ZIP_KINDS = ("torch.module", "torchscript", "torch.exported")
