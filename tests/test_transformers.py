@@ -245,6 +245,29 @@ def test_fallback_search_finds_the_smallest_passing_count_in_few_trials():
 
     for need in range(1, 13):
         tried: list[int] = []
-        found = search_count(12, lambda k, need=need: tried.append(k) or k >= need)
+        found = search_count(12, lambda k, need=need, tried=tried: tried.append(k) or k >= need)
         assert found == need and len(tried) <= 7, (need, tried)  # linear search: up to 12
     assert search_count(12, lambda k: False) is None and search_count(0, lambda k: True) is None
+
+
+def test_shipped_minilm_recipe_tokenises_its_disjoint_sentence_sets_with_the_models_tokenizer():
+    from builders import REPO
+
+    from accelc.graph import lower
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    reg = default_registry()
+    recipe = load_recipe(REPO / "recipes" / "minilm_cpu_int8.yaml", reg)
+    graph = lower(recipe, reg)
+    assert [n.pass_name for n in graph.nodes if n.pass_name in ("optimize_transformer", "quantize_dynamic")] == [
+        "optimize_transformer", "quantize_dynamic"]
+    cal = recipe.data["calibration"]
+    val = recipe.data["validation"]
+    assert not set(Path(cal["text"]).read_text().splitlines()) & set(Path(val["text"]).read_text().splitlines())
+    src = TextSource()
+    arrays = src.load(val, recipe.signature)
+    assert set(arrays) == {"input_ids", "attention_mask", "token_type_ids"} and len(arrays["input_ids"]) == 256
+    assert arrays["input_ids"][:, 0].tolist() == [101] * 256  # [CLS] of the real uncased BERT vocabulary
+    ident = TransformersSource().identity(recipe.model)
+    assert ident["head"] == {"pooling": "mean", "normalize": True}
