@@ -85,14 +85,20 @@ def quantize_dynamic_model(src: Path, out: Path, options: dict[str, Any], exclud
 
 
 def quantization_facts(float_model: Any, quantized: Any, op_types: list[str]) -> dict[str, Any]:
-    """Counts by op type of what was asked for, what became INT8 and what stayed float.
+    """Counts by op type of what was asked for, what became INT8 and what stayed float (MatMuls
+    only with a constant weight: a product of two activations is not quantized dynamically).
 
     Returns ``quantized`` (``{int8 op type: count}``), ``float_remaining`` (``{asked op type: count
     still float}``), and ``not_quantized`` (plain sentences, e.g. ``"2 of 2 LSTM nodes stayed
     float"``) for every asked op type with float nodes left.
     """
-    before = Counter(n.op_type for n in float_model.graph.node)
-    after = Counter(n.op_type for n in quantized.graph.node)
+    def counts(model: Any) -> Counter:
+        # a MatMul of two activations (Q.K^T in unfused attention) is not a dynamic-quantization candidate
+        inits = {i.name for i in model.graph.initializer}
+        return Counter(n.op_type for n in model.graph.node
+                       if n.op_type != "MatMul" or (len(n.input) > 1 and n.input[1] in inits))
+
+    before, after = counts(float_model), counts(quantized)
     int8 = {t: after[t] for forms in QUANTIZED_FORMS.values() for t in forms if after.get(t) and t != "Gather"}
     remaining = {t: after[t] for t in op_types if after.get(t) and before.get(t)}
     notes = [f"{remaining[t]} of {before[t]} {t} node(s) stayed float" for t in remaining]

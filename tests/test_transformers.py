@@ -271,3 +271,22 @@ def test_shipped_minilm_recipe_tokenises_its_disjoint_sentence_sets_with_the_mod
     assert arrays["input_ids"][:, 0].tolist() == [101] * 256  # [CLS] of the real uncased BERT vocabulary
     ident = TransformersSource().identity(recipe.model)
     assert ident["head"] == {"pooling": "mean", "normalize": True}
+
+
+def test_facts_count_weight_matmuls_only_and_name_what_stayed_float(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="weight_mm"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="activation_mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    q = onnx.load(str(quantize_dynamic_model(src, tmp_path / "q.onnx", {"op_types": ["MatMul"]}, [])))
+    facts = quantization_facts(model, q, ["MatMul"])
+    assert facts["quantized"] == {"MatMulInteger": 1} and facts["float_remaining"] == {}
+    kept = onnx.load(str(quantize_dynamic_model(src, tmp_path / "k.onnx", {"op_types": ["MatMul"]}, ["weight_mm"])))
+    assert quantization_facts(model, kept, ["MatMul"])["not_quantized"] == ["1 of 1 MatMul node(s) stayed float"]
