@@ -77,10 +77,13 @@ class LoadData(Pass):
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         spec = options["spec"]
-        arrays = ctx.sources.data_sources[spec["source"]].load(spec, ctx.signature)
+        source = ctx.sources.data_sources[spec["source"]]
+        arrays = source.load(spec, ctx.signature)
         np.savez(ctx.workdir / "data.npz", **arrays)
         n = len(next(iter(arrays.values())))
-        return PassResult("data.npz", metrics={"samples": n, "labels": "labels" in arrays})
+        # a source may report facts of the load (the text source: sentences truncated, padded length)
+        extra = dict(getattr(source, "last_stats", None) or {})
+        return PassResult("data.npz", metrics={"samples": n, "labels": "labels" in arrays, **extra})
 
 
 def load_arrays(artifact: Artifact) -> dict[str, np.ndarray]:
