@@ -12,6 +12,7 @@ kind                 primary file
 torch.module         ``model.pt``: ``torch.save`` of an ``nn.Module`` in eval mode
 onnx                 ``model.onnx``: float graph
 onnx.qdq             ``model.onnx``: graph with QuantizeLinear/DequantizeLinear pairs
+onnx.dynamic         ``model.onnx``: dynamic INT8 (MatMulInteger, QAttention, DynamicQuantizeLSTM)
 calibration.table    ``calibration.json``: ONNX Runtime ``TensorsData`` (per-tensor ranges)
 calibration.data     ``data.npz``: preprocessed calibration inputs
 validation.data      ``data.npz``: preprocessed validation inputs (+ optional labels)

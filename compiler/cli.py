@@ -51,12 +51,22 @@ class _Group(click.Group):
 
 
 def _summary(metrics: dict[str, Any]) -> str:
-    if "top1_agreement" in metrics and metrics["top1_agreement"] is None:
+    no_finite = ("top1_agreement" in metrics and metrics["top1_agreement"] is None) or (
+        "neighbor_recall" in metrics and metrics["neighbor_recall"] is None
+    )
+    if no_finite:
         return f"no finite outputs ({metrics.get('nonfinite_samples')} of {metrics.get('samples')} samples non-finite)"
     if "top1_agreement" in metrics:
         return (
             f"top-1 agree {metrics['top1_agreement']:.4f}, cosine {metrics['cosine']:.5f}, "
             f"max abs err {metrics['max_abs_error']:.3g}"
+        )
+    if "neighbor_recall" in metrics:
+        bad = metrics.get("nonfinite_samples") or 0
+        return (
+            f"{metrics.get('output_kind')}: cosine {metrics['cosine']:.5f} (min {metrics['cosine_min']:.4f}), "
+            f"neighbour recall@{metrics.get('recall_k')} {metrics['neighbor_recall']:.3f}"
+            + (f"; {bad} of {metrics.get('samples')} samples non-finite" if bad else "")
         )
     if "batch" in metrics:
         parts = [

@@ -75,9 +75,11 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
 
     Each step's options are the runtime's defaults for its pass (``Runtime.pass_defaults``), then
     the step's own, then whatever the pass adds from the recipe in :meth:`Pass.configure`; they
-    are validated against the pass's schema once, after that. Lowering itself never looks at a
-    pass's name: it inserts ``verify`` after the verified stages and a final ``benchmark``, and
-    wires slots by artifact kind.
+    are validated against the pass's schema once, after that (the ``verify`` nodes lowering inserts
+    go through ``configure`` too, starting from their stage's tolerances). Lowering itself never
+    looks at a pass's name: it inserts ``verify`` after the verified stages and a final
+    ``benchmark``, and wires slots by artifact kind. The default pipeline is the target's for the
+    model source's ``family`` when it has one (:meth:`accelc.targets.TargetProfile.pipeline`).
 
     Raises:
         GraphError: the target cannot build this runtime/precision, a pipeline names an
@@ -87,7 +89,8 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     target = registry.targets[recipe.target]
     runtime = recipe.runtime or target.default_runtime
     try:
-        pipeline = target.pipeline(runtime, recipe.precision)
+        family = getattr(registry.model_sources.get(recipe.model.get("source")), "family", None)
+        pipeline = target.pipeline(runtime, recipe.precision, family)
     except KeyError as e:
         raise GraphError(str(e.args[0])) from e
     steps = list(recipe.passes) if recipe.passes is not None else list(pipeline.steps)
@@ -176,29 +179,35 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
         add("reference", {"batch_size": verify_batch})
 
     benchmark = {k: v for k, v in recipe.benchmark.items() if k != "enabled"}
+
+    def configured(pass_name: str, options: dict[str, Any], later: list[Any], where: str) -> dict[str, Any]:
+        p = registry.passes.get(pass_name)
+        if p is None:
+            return options
+        view = RecipeView(
+            runtime=runtime,
+            trial_runtime=trial_runtime(registry.runtimes, runtime),
+            device=target.device,
+            tolerances=tolerances,
+            verify_batch_size=verify_batch,
+            benchmark=benchmark,
+            signature=recipe.signature,
+            later=tuple(later),
+            verified=tuple(verify_after),
+            stage_tolerances_of=stage_tolerances,
+            full_options=full_options,
+            verify=dict(verify_cfg),
+        )
+        return p.configure(options, view, where)
+
     for i, step in enumerate(steps):
         where = f"passes[{i}].{step.name}" if recipe.passes is not None else f"target {target.name} pipeline"
-        p = registry.passes.get(step.name)
-        opts = {**runtime_defaults.get(step.name, {}), **step.options}
-        if p is not None:
-            view = RecipeView(
-                runtime=runtime,
-                trial_runtime=trial_runtime(registry.runtimes, runtime),
-                device=target.device,
-                tolerances=tolerances,
-                verify_batch_size=verify_batch,
-                benchmark=benchmark,
-                signature=recipe.signature,
-                later=tuple(steps[i + 1 :]),
-                verified=tuple(verify_after),
-                stage_tolerances_of=stage_tolerances,
-                full_options=full_options,
-            )
-            opts = p.configure(opts, view, where)
+        opts = configured(step.name, {**runtime_defaults.get(step.name, {}), **step.options}, steps[i + 1 :], where)
         node = add(step.name, opts, where=where)
         if step.name in verify_after:
+            vid = f"verify[{node.id}]"
             vopts = {"tolerances": stage_tolerances[step.name], "batch_size": verify_batch}
-            add("verify", vopts, node_id=f"verify[{node.id}]")
+            add("verify", configured("verify", vopts, steps[i + 1 :], vid), node_id=vid)
 
     if recipe.benchmark.get("enabled", True) and "benchmark" not in step_names:
         add("benchmark", benchmark, where="benchmark")

@@ -74,6 +74,10 @@ class RecipeView:
         stage_tolerances_of: ``{step name: tolerances}`` of every verified stage.
         full_options: ``full_options(pass name, options)``: ``options`` with the runtime's
             defaults for that pass and the pass's schema defaults filled in.
+        verify: the recipe's ``verify`` section as written (``after``, ``tolerances``,
+            ``stages``, ``batch_size`` and the comparison settings ``output``, ``recall_k``,
+            ``degenerate``: how outputs are compared, which a pass that compares outputs itself
+            reads here so that it judges them as ``verify`` will). Empty when the recipe has none.
     """
 
     runtime: str
@@ -87,6 +91,7 @@ class RecipeView:
     verified: tuple[str, ...]
     stage_tolerances_of: dict[str, dict[str, float]]
     full_options: Callable[[str, dict[str, Any]], dict[str, Any]]
+    verify: dict[str, Any] = field(default_factory=dict)
 
     def stage_tolerances(self, step: str) -> dict[str, float]:
         """Tolerances of the first verified stage from ``step`` on: ``step`` itself, or the later

@@ -192,6 +192,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(m.get('cosine_min'))} | {_fmt(m.get('max_abs_error'))} | {_fmt(m.get('mean_abs_error'))} | "
                 f"{s['status']} |"
             )
+        for s in ver:  # embeddings and hidden states: neighbour agreement, and a reference that cannot judge
+            m = s["metrics"]
+            if "neighbor_recall" in m:
+                lines.append(f"\n`{s['node']}` ({m.get('output_kind')}): neighbour recall@{m.get('recall_k')} "
+                             f"{_fmt(m['neighbor_recall'])}")
+            if m.get("degenerate_reference"):
+                lines.append(f"\n**`{s['node']}`: the reference is degenerate**: {m['degenerate_reference']}")
     for s in report["stages"]:
         lines += _trials_markdown(s)
     bench = [s for s in report["stages"] if s["pass"] == "benchmark" and s["metrics"]]

@@ -61,14 +61,21 @@ class TargetProfile:
     compute_capability: tuple[int, int] | None = None
     execution_provider: str = "CPUExecutionProvider"
     notes: str = ""
+    #: ``{model family: {runtime: {precision: Pipeline}}}``: pipelines that replace the default one for
+    #: models of that family (a model source's ``family``, e.g. ``transformer``).
+    families: dict[str, dict[str, dict[str, Pipeline]]] = field(default_factory=dict)
 
     @property
     def precisions(self) -> list[str]:
         """Precisions any runtime of this target supports."""
         return sorted({p for r in self.runtimes.values() for p in r})
 
-    def pipeline(self, runtime: str, precision: str) -> Pipeline:
-        """The default pipeline. Raises ``KeyError`` naming what is supported."""
+    def pipeline(self, runtime: str, precision: str, family: str | None = None) -> Pipeline:
+        """The default pipeline (``family``'s own when the target has one for this runtime and
+        precision). Raises ``KeyError`` naming what is supported."""
+        by_family = self.families.get(family or "", {}).get(runtime, {})
+        if precision in by_family:
+            return by_family[precision]
         if runtime not in self.runtimes:
             raise KeyError(
                 f"target '{self.name}' has no runtime '{runtime}' (has: {', '.join(self.runtimes)})"

@@ -1,7 +1,8 @@
 """The tolerance vocabulary, defined once: what a verified stage may be held to.
 
-A tolerance bounds one metric of :func:`accelc.passes.verification.compare_outputs` from
-below (``min``) or above (``max``). The recipe schema's ``$defs/tolerances``, the options
+A tolerance bounds one metric of :func:`accelc.passes.verification.compare_outputs` (or of
+:func:`accelc.passes.output_metrics.compare_by_kind` for embeddings and hidden states: ``cosine_min``,
+``neighbor_recall``) from below (``min``) or above (``max``). The recipe schema's ``$defs/tolerances``, the options
 of ``verify``, and the trial options of ``calibrate`` and ``quantize`` are all
 :data:`TOLERANCES_SCHEMA`, generated from :data:`TOLERANCES` (a test checks the recipe
 schema against it).
@@ -35,6 +36,15 @@ TOLERANCES: dict[str, Tolerance] = {
     "mean_abs_error": Tolerance("mean_abs_error", "max", "", 0),
     "accuracy_drop": Tolerance(
         "accuracy_drop", "max", "Maximum drop of top-1 accuracy against labels (when the data has labels).", 0, 1
+    ),
+    "cosine_min": Tolerance("cosine_min", "min", "Minimum per-sample cosine similarity (the worst sample).", -1, 1),
+    "neighbor_recall": Tolerance(
+        "neighbor_recall",
+        "min",
+        "Minimum recall@k of each sample's nearest source-model neighbours among the validation set "
+        "(embeddings, hidden states).",
+        0,
+        1,
     ),
 }
 

@@ -51,6 +51,11 @@ class Benchmark(Pass):
             "iterations": {"type": "integer", "minimum": 1, "default": 50},
             "threads": {"type": "integer", "minimum": 1},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
+            "sequence_lengths": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1},
+                "description": "Also time these sizes of a dynamic axis named 'sequence' at every batch size.",
+            },
         },
     }
 
@@ -69,25 +74,28 @@ class Benchmark(Pass):
         lo, hi = (bdim.min, bdim.max) if bdim else (spec0.shape[0], spec0.shape[0])
         rng = np.random.default_rng(0)
         per_batch: dict[str, Any] = {}
+        per_shape: dict[str, Any] = {}
         skipped = []
         for bs in options["batch_sizes"]:
             if not lo <= bs <= hi:
                 skipped.append(bs)
                 continue
-            feeds = {}
-            for spec in ctx.signature.inputs:
-                shape = spec.shape_with(**({spec.batch_dim().name: bs} if spec.batch_dim() else {}))
-                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            ctx.progress(f"batch {bs}: warm-up")
-            for _ in range(options["warmup"]):
-                runner.run(feeds)
-            times = []
-            ctx.progress(f"batch {bs}: {options['iterations']} timed runs")
-            for _ in range(options["iterations"]):
-                t0 = time.perf_counter()
-                runner.run(feeds)
-                times.append(time.perf_counter() - t0)
-            per_batch[str(bs)] = latency_stats(times, bs)
+            for seq in [None, *options.get("sequence_lengths", [])]:
+                feeds = _feeds(ctx.signature, bs, seq, rng)
+                what = f"batch {bs}" + (f", sequence {seq}" if seq else "")
+                ctx.progress(f"{what}: warm-up")
+                for _ in range(options["warmup"]):
+                    runner.run(feeds)
+                times = []
+                ctx.progress(f"{what}: {options['iterations']} timed runs")
+                for _ in range(options["iterations"]):
+                    t0 = time.perf_counter()
+                    runner.run(feeds)
+                    times.append(time.perf_counter() - t0)
+                if seq is None:
+                    per_batch[str(bs)] = latency_stats(times, bs)
+                else:
+                    per_shape[f"{bs}x{seq}"] = {"batch": bs, "sequence": seq, **latency_stats(times, bs)}
         metrics = {
             "threads": threads,
             "device": options["device"],
@@ -95,7 +103,30 @@ class Benchmark(Pass):
             "iterations": options["iterations"],
             "batch": per_batch,
             "skipped_batch_sizes": skipped,
+            **({"sequence": _sequence(ctx.signature), "batch_sequence": per_shape} if _sequence(ctx.signature) else {}),
             "artifact_kind": inputs["artifact"].kind,
         }
         (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return PassResult("metrics.json", metrics=metrics)
+
+
+def _sequence(signature: Any) -> int | None:
+    """The example size of the first input's axis named ``sequence`` (``None`` without one)."""
+    d = next((d for d in signature.inputs[0].dynamic if d.name == "sequence"), None)
+    return signature.inputs[0].shape[d.axis] if d else None
+
+
+def _feeds(signature: Any, batch: int, sequence: int | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded inputs at ``batch`` (and ``sequence`` for an axis of that name): standard normal floats;
+    integer inputs (token ids, masks, token types) all ones, valid for any vocabulary and mask."""
+    feeds = {}
+    for spec in signature.inputs:
+        sizes = {d.name: batch for d in spec.dynamic if d.axis == 0}
+        if sequence is not None:
+            sizes["sequence"] = sequence
+        shape = spec.shape_with(**sizes)
+        if np.issubdtype(np.dtype(spec.dtype), np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+    return feeds

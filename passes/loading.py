@@ -41,8 +41,12 @@ class LoadModel(Pass):
         params = sum(p.numel() for p in model.parameters())
         meta = {
             "input_names": ctx.signature.names,
-            "pythonpath": [options["path"]] if options.get("path") else [],
+            "pythonpath": [options["path"]] if options.get("path") and options["source"] == "python" else [],
         }
+        if getattr(model, "accelc_output_kind", None):  # e.g. embedding: verify compares accordingly
+            meta["output_kind"] = model.accelc_output_kind
+        if getattr(model, "accelc_model_config", None):  # heads, hidden size: for the transformer optimizer
+            meta["model_config"] = model.accelc_model_config
         return PassResult("model.pt", metrics={"parameters": params}, meta=meta)
 
 
@@ -79,9 +83,10 @@ class LoadData(Pass):
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         spec = options["spec"]
-        arrays = ctx.sources.data_sources[spec["source"]].load(spec, ctx.signature)
+        source = ctx.sources.data_sources[spec["source"]]
+        arrays = source.load(spec, ctx.signature)
         where = f"data.{options['role']}" + next(
-            (f" ({spec[k]})" for k in ("tensors", "images", "path", "file") if isinstance(spec.get(k), str)), ""
+            (f" ({spec[k]})" for k in ("tensors", "images", "path", "file", "text") if isinstance(spec.get(k), str)), ""
         )
         n = len(next(iter(arrays.values()))) if arrays else 0
         if n == 0:
@@ -97,7 +102,9 @@ class LoadData(Pass):
                         f"samples (first: sample {', '.join(map(str, first))}); every input value must be finite"
                     )
         np.savez(ctx.workdir / "data.npz", **arrays)
-        return PassResult("data.npz", metrics={"samples": n, "labels": "labels" in arrays})
+        # a source may report facts of the load (the text source: sentences truncated, padded length)
+        extra = dict(getattr(source, "last_stats", None) or {})
+        return PassResult("data.npz", metrics={"samples": n, "labels": "labels" in arrays, **extra})
 
 
 def load_arrays(artifact: Artifact) -> dict[str, np.ndarray]:
@@ -145,4 +152,9 @@ class Reference(Pass):
         if not outs:
             raise PassError("reference: the validation set is empty")
         np.savez(ctx.workdir / "outputs.npz", **{f"output{i}": np.concatenate(o) for i, o in enumerate(outs)})
-        return PassResult("outputs.npz", metrics={"samples": int(sum(len(b) for b in outs[0]))})
+        kind = inputs["model"].meta.get("output_kind")
+        return PassResult(
+            "outputs.npz",
+            metrics={"samples": int(sum(len(b) for b in outs[0]))},
+            meta={"output_kind": kind} if kind else {},
+        )

@@ -87,7 +87,11 @@ class ExportOnnx(Pass):
             sizes = {d.name: (max(2, d.opt) if d.max >= 2 else d.opt) for d in spec.dynamic}
             shape = spec.shape_with(**sizes)
             g = torch.Generator().manual_seed(0)
-            args.append(torch.randn(*shape, generator=g).to(getattr(torch, spec.dtype)))
+            dtype = getattr(torch, spec.dtype)
+            if dtype.is_floating_point:
+                args.append(torch.randn(*shape, generator=g).to(dtype))
+            else:  # token ids, masks: ones are valid for every vocabulary (a random cast could be negative)
+                args.append(torch.ones(*shape, dtype=dtype))
             dyn_shapes.append(
                 {d.axis: torch.export.Dim(d.name, min=d.min, max=d.max) for d in spec.dynamic} or None
             )

@@ -13,6 +13,11 @@ from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
 from accelc.tolerances import TOLERANCES, TOLERANCES_SCHEMA, tolerance_failures  # noqa: F401 (re-exported)
 
 from .loading import iter_batches, load_arrays
+from .output_metrics import OUTPUT_KINDS, compare_by_kind, infer_output_kind
+
+#: Settings of the recipe's ``verify`` section that say how outputs are compared (and how a
+#: degenerate reference is treated): options of ``verify``, read by passes that compare outputs.
+COMPARISON_OPTIONS = ("output", "recall_k", "degenerate")
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
@@ -63,9 +68,13 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
 class Verify(Pass):
     """Run the stage's artifact on the validation set and compare with the source model's outputs.
 
-    Metrics (first output): top-1 agreement, mean/min cosine similarity, max/mean absolute
-    error, and accuracy against labels when the data has them. Tolerances are checked
-    after the (cached) metrics, so changing a tolerance never re-runs the comparison.
+    Metrics (first output) fit the output's kind (:mod:`accelc.passes.output_metrics`): for
+    ``(N, classes)`` outputs top-1 agreement, mean/min cosine similarity, max/mean absolute error,
+    and accuracy against labels when the data has them; for embeddings and hidden states cosine per
+    sample and neighbour recall@k, padded positions masked. Non-finite samples are counted and fail
+    the stage; a degenerate reference (outputs that do not vary) fails it unless ``degenerate:
+    warn``. Tolerances are checked after the (cached) metrics, so changing a tolerance never
+    re-runs the comparison.
     """
 
     name = "verify"
@@ -77,21 +86,40 @@ class Verify(Pass):
     )
     produces = "verification.report"
     final = False
-    key_ignores = ("tolerances",)
+    key_ignores = ("tolerances", "degenerate")
     env_packages = ("onnxruntime", "torch", "numpy")
     options_schema = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "tolerances": {**TOLERANCES_SCHEMA, "default": {}},
+            "tolerances": TOLERANCES_SCHEMA,
             "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
+            "output": {
+                "enum": ["auto", *OUTPUT_KINDS],
+                "description": "How outputs are compared (accelc.passes.output_metrics); auto (unset: the "
+                "recipe's verify.output, else auto): what the model source declares, else classes for (N, C), "
+                "hidden_states for (N, S, D).",
+            },
+            "recall_k": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "k of neighbour recall@k (unset: the recipe's verify.recall_k, else 5).",
+            },
+            "degenerate": {
+                "enum": ["fail", "warn"],
+                "description": "A reference whose outputs do not vary over the samples: fail the stage or warn "
+                "(unset: the recipe's verify.degenerate, else fail).",
+            },
         },
     }
 
     def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
-        """An explicit ``verify`` step checks the recipe's ``verify.tolerances`` unless it sets its own."""
-        return {"tolerances": recipe.tolerances, **options}
+        """The recipe's ``verify.tolerances`` unless the step sets its own (the verify nodes lowering
+        inserts arrive with their stage's), and the recipe's comparison settings (``verify.output``,
+        ``recall_k``, ``degenerate``: :data:`COMPARISON_OPTIONS`) unless the step sets them."""
+        settings = {k: recipe.verify[k] for k in COMPARISON_OPTIONS if k in recipe.verify}
+        return {"tolerances": recipe.tolerances, **settings, **options}
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         data = load_arrays(inputs["data"])
@@ -99,12 +127,20 @@ class Verify(Pass):
         runner = ctx.runners.make(inputs["artifact"], device=options["device"])
         batch = min(options["batch_size"], ctx.signature.max_batch())
         outs = [runner.run(feeds)[0] for _, feeds in iter_batches(data, ctx.signature.names, batch)]
-        metrics = compare_outputs(ref, np.concatenate(outs), data.get("labels"))
+        declared = None if options.get("output", "auto") == "auto" else options["output"]
+        kind = infer_output_kind(ref, declared or inputs["reference"].meta.get("output_kind"), data.get("labels"))
+        metrics = compare_by_kind(
+            ref, np.concatenate(outs), kind, labels=data.get("labels"), mask=data.get("attention_mask"),
+            k=options.get("recall_k", 5),
+        )
         metrics["stage_kind"] = inputs["artifact"].kind
         (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return PassResult("metrics.json", metrics=metrics)
 
     def check(self, result_metrics: dict[str, Any], options: dict[str, Any]) -> None:
         failures = tolerance_failures(result_metrics, options.get("tolerances", {}))
+        reason = result_metrics.get("degenerate_reference")
+        if reason and options.get("degenerate", "fail") == "fail":
+            failures.insert(0, f"the reference cannot judge this stage: {reason} (verify.degenerate: warn to accept)")
         if failures:
             raise VerificationError("; ".join(failures))

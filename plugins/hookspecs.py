@@ -4,7 +4,8 @@ A plugin is a module (or object) with ``@hookimpl`` functions named after these 
 implements any subset. accelc's own passes, targets, runtimes, artifact kinds, host
 capabilities and sources are registered by built-in plugins (:mod:`accelc.plugins.generic`,
 :mod:`accelc.plugins.onnxruntime`, :mod:`accelc.plugins.openvino`,
-:mod:`accelc.plugins.tensorrt`, :mod:`accelc.plugins.torch`, :mod:`accelc.plugins.targets`)
+:mod:`accelc.plugins.tensorrt`, :mod:`accelc.plugins.torch`, :mod:`accelc.plugins.transformers`,
+:mod:`accelc.plugins.targets`)
 through these same hooks, so there is no second path for "our own".
 
 The ``accelc_register_*`` hooks are called once per process, when the registry is built

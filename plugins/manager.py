@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "accelc.plugins.tensorrt",
     "accelc.plugins.torch",
     "accelc.plugins.gpu_runtimes",
+    "accelc.plugins.transformers",
     "accelc.plugins.targets",
 )
 

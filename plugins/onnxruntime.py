@@ -1,8 +1,10 @@
 """Built-in plugin ``accelc.plugins.onnxruntime``: the ONNX pass family and the ONNX Runtime runtime.
 
-Passes ``export_onnx``, ``onnxsim``, ``calibrate`` and ``quantize`` (``onnxruntime.quantization``);
-the kinds ``onnx``, ``onnx.qdq`` and ``calibration.table``; the ``onnxruntime`` runtime (runner
-and trial sessions on the CPU execution provider); the ``onnxruntime`` host capability.
+Passes ``export_onnx``, ``onnxsim``, ``calibrate`` and ``quantize`` (static QDQ,
+``onnxruntime.quantization``), ``optimize_transformer`` (``onnxruntime.transformers.optimizer``)
+and ``quantize_dynamic`` (dynamic INT8); the kinds ``onnx``, ``onnx.qdq``, ``onnx.dynamic`` and
+``calibration.table``; the ``onnxruntime`` runtime (runner and trial sessions on the CPU execution
+provider); the ``onnxruntime`` host capability.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any
 
 from accelc.artifacts import ArtifactKind, json_problem
 from accelc.host import package_probe
+from accelc.passes.dynamic_quantization import QuantizeDynamic
 from accelc.passes.onnx_export import ExportOnnx, OnnxSim, onnx_problem
 from accelc.passes.onnxruntime import OrtRunner, ort_trial_session
 from accelc.passes.quantization import Calibrate, Quantize
+from accelc.passes.transformer_optimizer import OptimizeTransformer
 from accelc.runners import Runtime
 
 from .hookspecs import hookimpl
@@ -21,7 +25,7 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def accelc_register_passes() -> list[Any]:
-    return [ExportOnnx, OnnxSim, Calibrate, Quantize]
+    return [ExportOnnx, OnnxSim, Calibrate, Quantize, OptimizeTransformer, QuantizeDynamic]
 
 
 @hookimpl
@@ -35,6 +39,13 @@ def accelc_register_artifact_kinds() -> list[Any]:
             runnable=True,
         ),
         ArtifactKind(
+            "onnx.dynamic",
+            "model.onnx: dynamic INT8 (MatMulInteger, QAttention, DynamicQuantizeLSTM; com.microsoft operators)",
+            onnx_problem,
+            runnable=True,
+            requires=("onnxruntime",),
+        ),
+        ArtifactKind(
             "calibration.table", "calibration.json: ONNX Runtime TensorsData (per-tensor ranges)", json_problem
         ),
     ]
@@ -46,7 +57,7 @@ def accelc_register_runtimes() -> list[Any]:
         Runtime(
             "onnxruntime",
             "ONNX Runtime, CPU execution provider (CUDA provider for device cuda when installed)",
-            kinds=("onnx", "onnx.qdq"),
+            kinds=("onnx", "onnx.qdq", "onnx.dynamic"),
             runner=OrtRunner,
             session=ort_trial_session,
         )

@@ -39,6 +39,14 @@ CPU = TargetProfile(
             ),
         },
     },
+    families={"transformer": {"onnxruntime": {
+        # ONNX Runtime's guidance for transformers: the transformer optimizer's fusions, then dynamic
+        # INT8 (no calibration). TorchScript export: its graph is the one the fusions match.
+        "fp32": Pipeline.of(("export_onnx", {"dynamo": False}), "optimize_transformer",
+                            verify_after=("optimize_transformer",)),
+        "int8": Pipeline.of(("export_onnx", {"dynamo": False}), "optimize_transformer", "quantize_dynamic",
+                            verify_after=("optimize_transformer", "quantize_dynamic")),
+    }}},
 )
 
 #: TensorRT releases the GPU profiles accept (``trt_engine`` checks the installed one): see

@@ -45,6 +45,9 @@ class ModelSource:
     description: ClassVar[str] = ""
     #: dotted option keys holding paths, resolved against the recipe's directory
     path_options: ClassVar[tuple[str, ...]] = ("weights.file", "path")
+    #: the model family this source's models belong to (``transformer``), or ``None``; a target's
+    #: ``families`` may give that family its own default pipeline (:meth:`accelc.targets.TargetProfile.pipeline`).
+    family: ClassVar[str | None] = None
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         """Facts that change the loaded model: options, weights digest, code version."""
