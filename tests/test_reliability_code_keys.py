@@ -219,3 +219,29 @@ def test_import_lists_are_cached_by_digest_so_a_warm_process_parses_nothing(plug
     _append(pkg / "helper.py", "\n# edited\n")  # a changed file has a new digest: parsed again
     with pytest.raises(AssertionError, match="parsed a file"):
         ci.code_closure(cls.__module__, follow={"accelc", cls.__module__.split(".")[0]})
+
+
+def test_the_distribution_index_is_read_once_per_environment_not_once_per_process(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    import accelc.code_identity as ci
+
+    calls = []
+    real = importlib.metadata.packages_distributions
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(ci.importlib.metadata, "packages_distributions", counting)
+    monkeypatch.setattr(ci, "_DISK", {"path": tmp_path / "code-imports.json", "dirty": False})
+    ci._all_distributions.cache_clear()
+    first = ci._all_distributions()
+    assert len(calls) == 1 and (tmp_path / "code-distributions.json").is_file()
+    assert "yaml" in first and "PyYAML" in first["yaml"]  # a package named unlike its distribution
+    ci._all_distributions.cache_clear()  # a new process, same environment: read from disk
+    assert ci._all_distributions() == first and len(calls) == 1
+    monkeypatch.setattr(ci, "_installed_fingerprint", lambda: "another environment")
+    ci._all_distributions.cache_clear()  # a package was installed: the index is rebuilt
+    assert ci._all_distributions() == first and len(calls) == 2
+    ci._all_distributions.cache_clear()
