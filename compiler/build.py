@@ -19,6 +19,7 @@ from typing import Any
 from filelock import FileLock
 
 from .cache import Store, default_root, is_no_space, size_limit_from_env
+from .deploy import DEPLOY_NAME, deploy_manifest
 from .errors import AccelcError
 from .executor import BuildResult, Executor, PlannedNode, Reporter, copy_artifact
 from .graph import PassGraph, lower
@@ -30,7 +31,7 @@ from .report import LOCK_NAME, build_lock, build_report, read_lock, write_output
 #: Lock file inside an out dir, held while a build publishes its artifact and reports there.
 OUT_LOCK = ".accelc-out.lock"
 #: Report files a build writes into its out dir (:mod:`accelc.report`).
-REPORT_FILES = ("report.json", "report.md", LOCK_NAME)
+REPORT_FILES = ("report.json", "report.md", LOCK_NAME, DEPLOY_NAME)
 
 
 class OutputError(AccelcError):
@@ -156,7 +157,7 @@ def _publish(ex: Executor, result: BuildResult, out: Path) -> dict[str, Any]:
                     (out / name).unlink()
             report = build_report(ex, result, files)
             report.update(_remote_section(ex.store))
-            write_outputs(out, report, build_lock(ex, result, report))
+            write_outputs(out, report, build_lock(ex, result, report), deploy_manifest(ex, result, report))
             return report
     except OSError as e:
         for name in REPORT_FILES:

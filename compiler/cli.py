@@ -64,24 +64,63 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 class RichReporter:
-    """Progress display: a spinner on the running pass, one line per finished pass."""
+    """Progress display: per running pass a live ``rich.progress`` display (a spinner with the pass's
+    status line, and a bar with counts, elapsed time and ETA for each counted step it reports:
+    sensitivity units, trials, calibration batches, timed runs), then one line per finished pass."""
 
     def __init__(self, console: Console):
         self.console = console
-        self.status: Any = None
+        self.progress: Any = None
+        self.main_task: Any = None
+        self.tasks: dict[str, Any] = {}
 
     def stage_started(self, node_id: str, pass_name: str) -> None:
-        self.status = self.console.status(f"[bold]{escape(node_id)}[/] running…")
-        self.status.start()
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._stop()
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.progress.start()
+        self.main_task = self.progress.add_task(f"[bold]{escape(node_id)}[/] running…", total=None)
+        self.tasks = {}
 
     def stage_progress(self, node_id: str, message: str) -> None:
-        if self.status:
-            self.status.update(f"[bold]{escape(node_id)}[/] {escape(message)}")
+        if self.progress is not None:
+            self.progress.update(self.main_task, description=f"[bold]{escape(node_id)}[/] {escape(message)}")
+
+    def stage_count(self, node_id: str, message: str, done: int, total: int) -> None:
+        """A counted step: ``done`` of ``total`` (sensitivity units, trials, batches, timed runs)."""
+        if self.progress is None:
+            return
+        task = self.tasks.get(message)
+        if task is None:
+            task = self.tasks[message] = self.progress.add_task(f"  {escape(message)}", total=total)
+        self.progress.update(task, completed=done, total=total)
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     def stage_finished(self, node_id: str, cached: bool, seconds: float, metrics: dict[str, Any]) -> None:
-        if self.status:
-            self.status.stop()
-            self.status = None
+        self._stop()
         state = metrics.get("status")
         if state == "blocked":
             mark = "[yellow]⊘ blocked[/]"
@@ -638,7 +677,15 @@ def cache_pull(cache_dir: Path | None, cache_url: str | None, remote: bool) -> N
 def env(env_file: Path | None, strict: bool) -> None:
     """Print the environment fingerprint a build records (Python, platform, package versions,
     host) as JSON, and report drift from environment.yml's pins on stderr."""
-    from .environment import drift, find_environment_file, fingerprint, fingerprint_digest, read_pins
+    from .environment import (
+        drift,
+        find_environment_file,
+        fingerprint,
+        fingerprint_digest,
+        normalize_name,
+        pin_roles,
+        read_pins,
+    )
     from .host import Host
 
     fp = fingerprint()
@@ -657,23 +704,45 @@ def env(env_file: Path | None, strict: bool) -> None:
         rows = drift(read_pins(path))
     except ValueError as e:
         raise AccelcError(str(e)) from e
-    bad = [r for r in rows if r["status"] in ("differs", "missing")]
+    # Runtime pins change what a build produces; test and tool pins (pytest, ruff, moto) do not. A pin
+    # accelc does not declare at all counts as runtime (the environment file says it matters).
+    roles = pin_roles(path)
+    for r in rows:
+        r["role"] = "runtime" if r["source"] == "conda" else roles.get(normalize_name(r["name"]), "runtime")
+    drifting = [r for r in rows if r["status"] in ("differs", "missing")]
+    bad = [r for r in drifting if r["role"] == "runtime"]
+    other = [r for r in drifting if r["role"] != "runtime"]
+    runtime_pins = sum(r["role"] == "runtime" for r in rows)
     doc["environment_file"] = {
         "path": str(path),
         "pins": len(rows),
+        "runtime_pins": runtime_pins,
         "drift": bad,
+        "drift_not_runtime": other,
         "unchecked": [r["name"] for r in rows if r["status"] == "unchecked"],
     }
     out.print_json(json.dumps(doc))
-    if bad:
-        console.print(f"[yellow]{len(bad)} of {len(rows)} pins in {escape(str(path))} drift:[/]")
-        for r in bad:
+
+    def show(items: list[dict[str, Any]]) -> None:
+        for r in items:
             have = r["installed"] or "not installed"
             console.print(f"  {escape(r['name'])}: pinned {escape(r['pinned'])}, installed {escape(have)}")
-        if strict:
-            raise AccelcError(f"the environment drifts from {path} ({len(bad)} pin(s))")
+
+    if bad:
+        console.print(
+            f"[yellow]{len(bad)} of {runtime_pins} pins builds depend on (runtime) in {escape(str(path))} drift:[/]"
+        )
+        show(bad)
     else:
-        console.print(f"[green]no drift[/]: {len(rows)} pins in {escape(str(path))} match")
+        console.print(f"[green]no drift[/] in the runtime pins: {runtime_pins} in {escape(str(path))} match")
+    if other:
+        groups = ", ".join(sorted({r["role"] for r in other}))
+        console.print(
+            f"[dim]{len(other)} test/tool-only pins ({escape(groups)}) differ; builds do not depend on them:[/]"
+        )
+        show(other)
+    if bad and strict:
+        raise AccelcError(f"the environment drifts from {path} ({len(bad)} runtime pin(s))")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -58,8 +58,23 @@ class Reporter(Protocol):
 
     def stage_started(self, node_id: str, pass_name: str) -> None: ...
     def stage_progress(self, node_id: str, message: str) -> None: ...
+    # optional: ``stage_count(node_id, message, done, total)`` for counted steps (see report_progress)
     def stage_finished(self, node_id: str, cached: bool, seconds: float, metrics: dict[str, Any]) -> None: ...
     def notice(self, message: str) -> None: ...
+
+
+def report_progress(
+    reporter: Any, node_id: str, message: str, done: int | None = None, total: int | None = None
+) -> None:
+    """Pass ``ctx.progress(message, done, total)`` on to ``reporter``: counted steps (sensitivity units,
+    trials, calibration batches, timed runs) to its ``stage_count`` when it has one (the CLI draws a
+    progress bar with an ETA), else as ``"message done/total"`` to ``stage_progress``."""
+    if done is None or total is None:
+        reporter.stage_progress(node_id, message)
+    elif hasattr(reporter, "stage_count"):
+        reporter.stage_count(node_id, message, done, total)
+    else:
+        reporter.stage_progress(node_id, f"{message} {done}/{total}")
 
 
 class SilentReporter:
@@ -303,7 +318,7 @@ class Executor:
             runners=self.runners,
             sources=self.registry,
             node=node.id,
-            progress=lambda msg: self.reporter.stage_progress(node.id, msg),
+            progress=functools.partial(report_progress, self.reporter, node.id),
         )
         try:
             try:

@@ -37,8 +37,14 @@ class Benchmark(Pass):
     """
 
     name = "benchmark"
-    version = "1"
-    inputs = (Slot("artifact", runnable=True, runs=True),)
+    version = "2"
+    inputs = (
+        Slot("artifact", runnable=True, runs=True),
+        # baselines timed at batch 1 after the artifact: the source model (eager PyTorch, the first
+        # torch.module: load_model's) and the float ONNX graph (the last onnx before the artifact)
+        Slot("source", ("torch.module",), source=True, optional=True),
+        Slot("float", ("onnx",), optional=True),
+    )
     produces = "benchmark.report"
     final = False
     env_packages = ("onnxruntime", "torch", "numpy")
@@ -51,12 +57,26 @@ class Benchmark(Pass):
             "iterations": {"type": "integer", "minimum": 1, "default": 50},
             "threads": {"type": "integer", "minimum": 1},
             "device": {"enum": ["cpu", "cuda"], "default": "cpu"},
+            "baselines": {
+                "type": "array",
+                "items": {"enum": ["source", "float"]},
+                "uniqueItems": True,
+                "description": "Also time these at batch 1, after the artifact, for the report's speed-ups: "
+                "'source' (the source model in eager PyTorch), 'float' (the FP32 ONNX graph before "
+                "quantization). Default on a CPU target: both; on a GPU target: none.",
+            },
         },
     }
 
     def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
-        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings."""
-        return {**recipe.benchmark, **options}
+        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings; ``baselines``
+        defaults to both on a CPU target (on a GPU the float graph would run on another runtime)."""
+        opts = {**recipe.benchmark, **options}
+        opts.setdefault("baselines", ["source", "float"] if recipe.device == "cpu" else [])
+        return opts
+
+    def uses_inputs(self, options: dict[str, Any]) -> set[str]:
+        return {"artifact", *options.get("baselines", [])}
 
     def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
         return {"cpu": host.cpu_model, "cpus": host.cpu_count}
@@ -81,13 +101,11 @@ class Benchmark(Pass):
             ctx.progress(f"batch {bs}: warm-up")
             for _ in range(options["warmup"]):
                 runner.run(feeds)
-            times = []
             ctx.progress(f"batch {bs}: {options['iterations']} timed runs")
-            for _ in range(options["iterations"]):
-                t0 = time.perf_counter()
-                runner.run(feeds)
-                times.append(time.perf_counter() - t0)
-            per_batch[str(bs)] = latency_stats(times, bs)
+            times = _timed(runner, feeds, options["iterations"], ctx, f"batch {bs}")
+            per_batch[str(bs)] = {**latency_stats(times, bs), "latencies_ms": [round(t * 1e3, 4) for t in times]}
+        del runner  # its threads must not compete with the baselines'
+        baselines = self._baselines(ctx, inputs, options, threads, lo, rng)
         metrics = {
             "threads": threads,
             "device": options["device"],
@@ -96,6 +114,53 @@ class Benchmark(Pass):
             "batch": per_batch,
             "skipped_batch_sizes": skipped,
             "artifact_kind": inputs["artifact"].kind,
+            **({"baselines": baselines} if baselines else {}),
         }
         (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return PassResult("metrics.json", metrics=metrics)
+
+    def _baselines(
+        self,
+        ctx: PassContext,
+        inputs: dict[str, Artifact],
+        options: dict[str, Any],
+        threads: int,
+        batch: int,
+        rng: np.random.Generator,
+    ) -> dict[str, Any]:
+        """``{"source" | "float": latency stats at the smallest batch}`` for the wired baselines, each
+        after its own warm-up; a baseline that cannot run is recorded with its ``error``."""
+        if batch != 1 and ctx.signature.inputs[0].batch_dim() is None:
+            return {}
+        feeds = {}
+        for spec in ctx.signature.inputs:
+            shape = spec.shape_with(**({spec.batch_dim().name: batch} if spec.batch_dim() else {}))
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        out: dict[str, Any] = {}
+        for name in ("source", "float"):
+            art = inputs.get(name)
+            if art is None or art.digest == inputs["artifact"].digest:
+                continue
+            ctx.progress(f"baseline {name}: {options['iterations']} timed runs")
+            try:
+                runner = ctx.runners.make(art, device=options["device"], threads=threads)
+                for _ in range(options["warmup"]):
+                    runner.run(feeds)
+                times = _timed(runner, feeds, options["iterations"], ctx, f"baseline {name}")
+                del runner
+            except Exception as e:  # a baseline is informative only; the build goes on
+                out[name] = {"kind": art.kind, "error": f"{type(e).__name__}: {e}"}
+                continue
+            out[name] = {"kind": art.kind, "batch": batch, **latency_stats(times, batch)}
+        return out
+
+
+def _timed(runner: Any, feeds: dict[str, np.ndarray], iterations: int, ctx: PassContext, what: str) -> list[float]:
+    """Per-iteration wall times in seconds (``time.perf_counter`` around each call)."""
+    times = []
+    for i in range(iterations):
+        t0 = time.perf_counter()
+        runner.run(feeds)
+        times.append(time.perf_counter() - t0)
+        ctx.progress(what, i + 1, iterations)
+    return times

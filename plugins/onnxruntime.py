@@ -14,7 +14,7 @@ from accelc.host import package_probe
 from accelc.passes.onnx_export import ExportOnnx, OnnxSim, onnx_problem
 from accelc.passes.onnxruntime import OrtRunner, ort_trial_session
 from accelc.passes.quantization import Calibrate, Quantize
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -48,6 +48,7 @@ def accelc_register_runtimes() -> list[Any]:
             "ONNX Runtime, CPU execution provider (CUDA provider for device cuda when installed)",
             kinds=("onnx", "onnx.qdq"),
             runner=OrtRunner,
+            predictor=runner_predictor(OrtRunner),
             session=ort_trial_session,
         )
     ]

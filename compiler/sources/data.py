@@ -100,10 +100,8 @@ class ImagesSource(DataSource):
     def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
         from PIL import Image, UnidentifiedImageError
 
-        pre = options.get("preprocess", {})
-        resize, crop = pre.get("resize", 256), pre.get("crop", 224)
-        mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)
-        std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)
+        pre = preprocess_settings(options)
+        resize, crop = pre["resize"], pre["crop"]
         crops = options.get("crops", {})
         per_image = crops.get("per_image", 1)
         rng = np.random.default_rng(crops.get("seed", 0))
@@ -129,9 +127,7 @@ class ImagesSource(DataSource):
             views = [_center(img, resize, crop)]
             for _ in range(per_image - 1):
                 views.append(_random_resized(img, crop, crops.get("min_scale", 0.25), rng))
-            for v in views:
-                a = np.asarray(v, dtype=np.float32) / 255.0
-                samples.append(((a - mean) / std).transpose(2, 0, 1))
+            samples += [normalize(v, pre) for v in views]
             if labels_by_name is not None:
                 if path.name not in labels_by_name:
                     raise DataError(f"data.labels: no label for {path.name} in {options['labels']}")
@@ -201,6 +197,50 @@ class TensorsSource(DataSource):
         if lk in arrays:
             out["labels"] = np.asarray(arrays[lk][:limit], dtype=np.int64)
         return out
+
+
+def preprocess_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation transform of an ``images`` dataset's options, defaults filled in:
+    ``{"resize": int, "crop": int, "mean": [3 floats], "std": [3 floats]}`` (RGB, 0..1 scale).
+    This is what a build records in its out dir (``deploy.json``) for :func:`preprocess_images`."""
+    pre = options.get("preprocess") or {}
+    return {
+        "resize": int(pre.get("resize", 256)),
+        "crop": int(pre.get("crop", 224)),
+        "mean": [float(v) for v in pre.get("mean", IMAGENET_MEAN)],
+        "std": [float(v) for v in pre.get("std", IMAGENET_STD)],
+    }
+
+
+def normalize(view: Any, settings: dict[str, Any]) -> np.ndarray:
+    """An RGB PIL image -> ``(3, H, W)`` float32: scaled to [0, 1], minus ``mean``, over ``std``."""
+    a = np.asarray(view, dtype=np.float32) / 255.0
+    mean = np.asarray(settings["mean"], np.float32)
+    std = np.asarray(settings["std"], np.float32)
+    return ((a - mean) / std).transpose(2, 0, 1)
+
+
+def preprocess_images(images: Any, settings: dict[str, Any]) -> np.ndarray:
+    """The ``images`` source's evaluation transform applied to ``images`` (paths or PIL images,
+    one or a list): resize the shorter side to ``resize``, center-crop ``crop``, :func:`normalize`.
+
+    Returns ``(N, 3, crop, crop)`` float32 (NCHW, RGB), exactly what a build calibrated and
+    verified on. Raises :class:`DataError` naming a file that cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            img = item.convert("RGB")
+        else:
+            try:
+                with Image.open(item) as im:
+                    img = im.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise DataError(f"cannot decode image {item}: {e}") from e
+        out.append(normalize(_center(img, settings["resize"], settings["crop"]), settings))
+    return np.stack(out).astype(np.float32)
 
 
 def _read_labels(path: Path) -> dict[str, int]:
