@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from .errors import RecipeError, SchemaIssue
 from .signature import InputSignature
+from .sources import did_you_mean
 from .targets import PassStep
 
 #: Recipes are small; anything larger is refused before parsing.
@@ -91,10 +93,22 @@ def json_path(parts: Any) -> str:
 def _issue(err: ValidationError, prefix: str = "") -> SchemaIssue:
     if err.context:  # oneOf/anyOf: the sub-error that went deepest says most
         err = best_match(err.context)
-    where = json_path(list(err.absolute_path))
+    path = list(err.absolute_path)
+    message = err.message
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(err.schema.get("properties", {}))
+        patterns = list(err.schema.get("patternProperties", {}))
+        extra = [k for k in err.instance if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
+        if len(extra) == 1:  # name the key itself: data.calibration.file, not data.calibration
+            path.append(extra[0])
+        unknown = "; ".join(f"unknown key '{k}'{did_you_mean(str(k), allowed)}" for k in extra)
+        message = f"{unknown} (allowed here: {', '.join(allowed) or 'none'})"
+    elif err.validator == "enum" and isinstance(err.instance, str):
+        message += did_you_mean(err.instance, [str(v) for v in err.validator_value])
+    where = json_path(path)
     if prefix:
         where = prefix if where == "(root)" else f"{prefix}.{where}" if not where.startswith("[") else prefix + where
-    return SchemaIssue(where, err.message)
+    return SchemaIssue(where, message)
 
 
 def schema_issues(schema: dict[str, Any], instance: Any, prefix: str = "") -> list[SchemaIssue]:
@@ -260,6 +274,14 @@ def _package_resource_issues(model: dict[str, Any]) -> list[SchemaIssue]:
     return []
 
 
+def _source_issues(source: Any, options: dict[str, Any], prefix: str) -> list[SchemaIssue]:
+    """A source's :meth:`check` findings, each at its full JSON path (``data.calibration.images``)."""
+    check = getattr(source, "check", None)
+    if check is None:
+        return []
+    return [SchemaIssue(f"{prefix}.{key}", message) for key, message in check(options)]
+
+
 def data_source_name(spec: dict[str, Any]) -> str:
     """The data source a dataset entry uses: explicit ``source``, else ``images``/``tensors`` by key."""
     if "source" in spec:
@@ -295,7 +317,9 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         issues.append(
             SchemaIssue(
                 "model.source",
-                f"unknown model source '{raw['model']['source']}' (known: {', '.join(sorted(registry.model_sources))})",
+                f"unknown model source '{raw['model']['source']}'"
+                f"{did_you_mean(raw['model']['source'], registry.model_sources)} "
+                f"(known: {', '.join(sorted(registry.model_sources))})",
             )
         )
     else:
@@ -308,7 +332,12 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         src = registry.data_sources.get(name)
         if src is None:
             known = ", ".join(sorted(registry.data_sources))
-            issues.append(SchemaIssue(f"data.{role}.source", f"unknown data source '{name}' (known: {known})"))
+            issues.append(
+                SchemaIssue(
+                    f"data.{role}.source",
+                    f"unknown data source '{name}'{did_you_mean(name, registry.data_sources)} (known: {known})",
+                )
+            )
             continue
         issues += schema_issues(src.options_schema, spec, f"data.{role}")
         data[role] = {"source": name, **spec}
@@ -317,14 +346,16 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if target_name not in registry.targets:
         field_name = "--target" if target_override else "target"
         known = ", ".join(sorted(registry.targets))
-        issues.append(SchemaIssue(field_name, f"unknown target '{target_name}' (known: {known})"))
+        hint = did_you_mean(target_name, registry.targets)
+        issues.append(SchemaIssue(field_name, f"unknown target '{target_name}'{hint} (known: {known})"))
 
     steps = normalize_passes(raw["passes"]) if "passes" in raw else None
     for i, step in enumerate(steps or []):
         p = registry.passes.get(step.name)
         if p is None:
             known = ", ".join(sorted(registry.passes))
-            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{step.name}' (known: {known})"))
+            hint = did_you_mean(step.name, registry.passes)
+            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{step.name}'{hint} (known: {known})"))
             continue
         issues += schema_issues(p.options_schema, step.options, f"passes[{i}].{step.name}")
 
@@ -354,6 +385,22 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         src = registry.data_sources[spec["source"]]
         data[role] = _resolve_paths(
             apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+        )
+    if issues:
+        raise RecipeError(where, issues)
+    # what can be checked without running the user's code: files, folders, modules, model names
+    issues += _source_issues(model_src, model, "model")
+    for role, spec in data.items():
+        issues += _source_issues(registry.data_sources[spec["source"]], spec, f"data.{role}")
+    rt = raw.get("runtime")
+    tp = registry.targets.get(target_name)
+    if rt is not None and tp is not None and rt not in tp.runtimes:
+        issues.append(
+            SchemaIssue(
+                "runtime",
+                f"target '{target_name}' has no runtime '{rt}'{did_you_mean(rt, tp.runtimes)} "
+                f"(its runtimes: {', '.join(tp.runtimes)})",
+            )
         )
     if issues:
         raise RecipeError(where, issues)

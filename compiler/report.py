@@ -192,6 +192,11 @@ def speedups(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _times(ratio: float) -> str:
+    """``2.31`` -> ``**2.31x faster**``; ``0.5`` -> ``**2.00x slower**``."""
+    return f"**{ratio:.2f}x faster**" if ratio >= 1 else f"**{1 / ratio:.2f}x slower**"
+
+
 def _warnings(report: dict[str, Any]) -> list[str]:
     w: list[str] = []
     if report["error"]:
@@ -226,13 +231,13 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
     if "p50_ms" in sp:
         parts = [f"**Speed** (batch 1, p50): {sp['p50_ms']:.3g} ms"]
         if "over_source" in sp:
-            parts.append(f"**{sp['over_source']:.2f}x** faster than the source model in eager PyTorch "
+            parts.append(f"{_times(sp['over_source'])} than the source model in eager PyTorch "
                          f"({sp['source_ms']:.3g} ms)")
         if "over_float" in sp and sp.get("float_from") == "benchmark":
-            parts.append(f"**{sp['over_float']:.2f}x** faster than FP32 ONNX ({sp['float_ms']:.3g} ms)")
+            parts.append(f"{_times(sp['over_float'])} than FP32 ONNX ({sp['float_ms']:.3g} ms)")
         lines.append("; ".join(parts) + ".")
     if "over_float" in sp and sp.get("float_from") != "benchmark":
-        lines.append(f"**Speed-up over FP32 ONNX**: {sp['over_float']:.2f}x ({sp['float_ms']:.3g} ms -> "
+        lines.append(f"**Against FP32 ONNX**: {_times(sp['over_float'])} ({sp['float_ms']:.3g} ms -> "
                      f"{sp['search_kept_ms']:.3g} ms, measured side by side by `{sp['float_from']}`).")
     if "p50_ms" not in sp and "over_float" not in sp:
         lines.append("**Speed**: not measured (no benchmark stage ran).")

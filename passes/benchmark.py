@@ -63,20 +63,21 @@ class Benchmark(Pass):
                 "uniqueItems": True,
                 "description": "Also time these at batch 1, after the artifact, for the report's speed-ups: "
                 "'source' (the source model in eager PyTorch), 'float' (the FP32 ONNX graph before "
-                "quantization). Default on a CPU target: both; on a GPU target: none.",
+                "quantization). Unset: those the pipeline has, on a CPU device; none on CUDA.",
             },
         },
     }
 
     def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
-        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings; ``baselines``
-        defaults to both on a CPU target (on a GPU the float graph would run on another runtime)."""
-        opts = {**recipe.benchmark, **options}
-        opts.setdefault("baselines", ["source", "float"] if recipe.device == "cpu" else [])
-        return opts
+        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings."""
+        return {**recipe.benchmark, **options}
 
-    def uses_inputs(self, options: dict[str, Any]) -> set[str]:
-        return {"artifact", *options.get("baselines", [])}
+    def uses_inputs(self, options: dict[str, Any]) -> set[str] | None:
+        """``baselines`` set: exactly those slots (required). Unset: whatever the pipeline has (``None``),
+        timed on a CPU device only (on a GPU the float graph would run on another runtime)."""
+        if options.get("baselines") is None:
+            return None
+        return {"artifact", *options["baselines"]}
 
     def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
         return {"cpu": host.cpu_model, "cpus": host.cpu_count}
@@ -137,8 +138,11 @@ class Benchmark(Pass):
             shape = spec.shape_with(**({spec.batch_dim().name: batch} if spec.batch_dim() else {}))
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         out: dict[str, Any] = {}
+        wanted = options.get("baselines")
+        if wanted is None:
+            wanted = ["source", "float"] if options["device"] == "cpu" else []
         for name in ("source", "float"):
-            art = inputs.get(name)
+            art = inputs.get(name) if name in wanted else None
             if art is None or art.digest == inputs["artifact"].digest:
                 continue
             ctx.progress(f"baseline {name}: {options['iterations']} timed runs")

@@ -79,7 +79,7 @@ def test_missing_data_folder(tmp_path):
         write_tiny_recipe(tmp_path, data={"calibration": {"tensors": None, "images": "no_such_dir"}}),
         tmp_path,
     )
-    assert r.returncode == 2 and "data.images" in r.stderr and "no_such_dir" in r.stderr
+    assert r.returncode == 2 and "data.calibration.images" in r.stderr and "no_such_dir" in r.stderr
     assert cache_state(tmp_path / "cache") == ([], [])
 
 

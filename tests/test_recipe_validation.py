@@ -39,7 +39,7 @@ def test_all_problems_reported_at_once_with_json_paths(tmp_path):
     with pytest.raises(RecipeError) as e:
         _load(_write(tmp_path, doc))
     where = {i.where for i in e.value.issues}
-    assert "(root)" in where  # additionalProperties 'colour'
+    assert "colour" in where  # additionalProperties: the unknown key's own path
     assert "inputs[0].shape[1]" in where
     msg = str(e.value)
     assert "colour" in msg and "'three' is not of type 'integer'" in msg

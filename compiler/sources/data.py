@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from . import DataSource, digest_files
+from . import DataSource, digest_files, missing_paths
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: torchvision's ImageNet statistics (RGB, 0..1 scale).
@@ -88,6 +88,17 @@ class ImagesSource(DataSource):
         if not files:
             raise DataError(f"data.images: folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return files
+
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """The folder exists and holds images; ``labels``, when set, is a file."""
+        folder = Path(options["images"])
+        if not folder.is_dir():
+            what = f"folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
+            return [("images", what)]
+        out = missing_paths(options, ("labels",))
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()):
+            out.append(("images", f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+        return out
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         files = self._files(options)
