@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -375,37 +376,123 @@ def validate(recipe: Path, target: str | None) -> None:
     out.print(f"[green]ok[/]: {recipe} ({len(graph.nodes)} nodes, final: {graph.final})")
 
 
+_RST_ROLE = re.compile(r":[a-zA-Z]+(?::[a-zA-Z]+)?:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText roles (``:func:`x```, ``:class:`~a.B```)
+    become their target's name, double-backtick literals lose their backticks, ``::`` ends in ``:``,
+    and hard-wrapped paragraph lines are joined so the terminal wraps them at word boundaries
+    (bullets and indented lines keep their own lines)."""
+    import inspect
+
+    def role(m: re.Match[str]) -> str:
+        target = m.group(1).strip()
+        return target.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") else target
+
+    text = _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(role, inspect.cleandoc(text)))
+    text = re.sub(r"::$", ":", text, flags=re.M)
+    out: list[str] = []
+    for line in text.splitlines():
+        starts_item = re.match(r"^(\s+|[-*] |\d+[.)] |[A-Z][\w ]*:$)", line) is not None
+        if out and out[-1] and line.strip() and not starts_item and not out[-1].endswith(":"):
+            out[-1] = out[-1].rstrip() + " " + line.strip()
+        elif out and out[-1] and line.startswith("  ") and re.match(r"^(\s*)[-*] ", out[-1] or "") is not None:
+            out[-1] = out[-1].rstrip() + " " + line.strip()  # continuation of a bullet
+        else:
+            out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def _block(title: str, rows: list[tuple[str, str]], body: str = "", indent: int = 2) -> None:
+    """One entry of a listing, readable at 80 columns: a bold title, then label/value rows with the
+    value wrapped at word boundaries, then an optional paragraph."""
+    out.print(title, highlight=False)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=max([len(r[0]) for r in rows] + [8]) + 2, no_wrap=True, style="dim")
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(f"  {label}", escape(text))
+    if rows:
+        out.print(grid)
+    if body:
+        from rich.padding import Padding
+
+        out.print(Padding(escape(body), (0, 0, 0, indent)))
+
+
+def _flat_options(schema: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every option of a JSON Schema object, nested objects as dotted names (``preprocess.resize``)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for name in sorted((schema or {}).get("properties", {})):
+        spec = schema["properties"][name]
+        dotted = f"{prefix}{name}"
+        nested = spec.get("properties") if spec.get("type") == "object" else None
+        if nested:
+            if spec.get("description"):
+                rows.append((dotted, {**spec, "type": "object"}))
+            rows += _flat_options(spec, dotted + ".")
+        else:
+            rows.append((dotted, spec))
+    return rows
+
+
+def _print_options(schema: dict[str, Any], title: str) -> None:
+    from rich.padding import Padding
+
+    rows = _flat_options(schema)
+    if not rows:
+        out.print(f"{title}: none")
+        return
+    out.print(f"[bold]{escape(title)}[/]")
+    for opt, spec in rows:
+        default = f"  (default {json.dumps(spec['default'])})" if "default" in spec else ""
+        out.print(f"  [bold]{escape(opt)}[/]  {escape(_option_type(spec))}{escape(default)}", highlight=False)
+        meaning = plain(spec.get("description", "")) or "-"
+        out.print(Padding(escape(meaning), (0, 0, 0, 6)))
+
+
 @main.command()
 @click.argument("name", required=False)
 def passes(name: str | None) -> None:
     """List every registered pass: plugin, version, inputs, output and host requirements.
 
     With NAME, describe that pass: its full description and every option a recipe may set
-    (type, default, meaning), e.g. `accelc passes quantize`.
+    (type, default, meaning), e.g. `accelc passes quantize`. Model and data sources: `accelc sources`.
     """
     from .registry import default_registry
+    from .sources import did_you_mean
 
     reg = default_registry()
     if name is not None:
         if name not in reg.passes:
-            raise click.BadParameter(f"no pass '{name}' (known: {', '.join(sorted(reg.passes))})", param_hint="NAME")
+            where = ""
+            if name in reg.model_sources or name in reg.data_sources:
+                what = "model" if name in reg.model_sources else "data"
+                where = f"; '{name}' is a {what} source: accelc sources {name}"
+            raise click.BadParameter(
+                f"no pass '{name}'{did_you_mean(name, reg.passes)}{where} (known: {', '.join(sorted(reg.passes))})",
+                param_hint="NAME",
+            )
         _describe_pass(reg, name)
         return
-    t = Table(title="passes")
-    for col in ("pass", "plugin", "version", "consumes", "produces", "requires", "description"):
-        t.add_column(col, overflow="fold")
     for name in sorted(reg.passes):
         p = reg.passes[name]
-        t.add_row(
-            name,
-            reg.plugin_of("passes", name),
-            p.version,
-            "; ".join(f"{s.name}: {'|'.join(s.kinds) if len(s.kinds) < 4 else 'runnable'}" for s in p.inputs),
-            p.produces,
-            ", ".join(p.requires) or "-",
-            p.summary(),
+        consumes = "; ".join(f"{s.name}: {_slot_kinds(s)}" + (" (optional)" if s.optional else "") for s in p.inputs)
+        _block(
+            f"[bold]{escape(name)}[/]  [dim]{escape(reg.plugin_of('passes', name))}, version {p.version}[/]",
+            [("consumes", consumes or "-"), ("produces", p.produces), ("requires", ", ".join(p.requires) or "-")],
+            plain(p.summary()),
         )
-    out.print(t)
+        out.print()
+
+
+def _slot_kinds(slot: Any, limit: int = 3) -> str:
+    """The kinds a slot accepts: ``onnx|onnx.qdq``, or ``any runnable kind``."""
+    if not slot.kinds or len(slot.kinds) > limit:
+        return "any runnable kind" if slot.runnable or len(slot.kinds) > limit else "-"
+    return "|".join(slot.kinds) + (" or any runnable kind" if slot.runnable else "")
 
 
 def _option_type(spec: dict[str, Any]) -> str:
@@ -421,27 +508,73 @@ def _option_type(spec: dict[str, Any]) -> str:
 
 
 def _describe_pass(reg: Any, name: str) -> None:
-    """Print a pass's docstring and a table of its options (from its JSON Schema)."""
-    import inspect
-
+    """Print a pass's description (terminal text, no RST markup) and every option (from its JSON Schema)."""
     p = reg.passes[name]
-    out.print(f"[bold]{escape(name)}[/] (plugin {escape(reg.plugin_of('passes', name))}, version {p.version})")
-    consumes = "; ".join(f"{s.name}: {'|'.join(s.kinds)}" + (" (optional)" if s.optional else "") for s in p.inputs)
-    out.print(f"consumes: {escape(consumes or '-')}")
-    out.print(f"produces: {escape(p.produces)}; requires: {escape(', '.join(p.requires) or '-')}\n")
-    out.print(escape(inspect.cleandoc(p.description or p.__doc__ or "")) + "\n")
-    props = (p.options_schema or {}).get("properties", {})
-    if not props:
-        out.print("options: none")
-        return
-    t = Table(title=f"options of {name}")
-    for col in ("option", "type", "default", "meaning"):
-        t.add_column(col, overflow="fold")
-    for opt in sorted(props):
-        spec = props[opt]
-        default = json.dumps(spec["default"]) if "default" in spec else "-"
-        t.add_row(opt, escape(_option_type(spec)), escape(default), escape(spec.get("description", "")))
-    out.print(t)
+    consumes = "; ".join(f"{s.name}: {_slot_kinds(s, 99)}" + (" (optional)" if s.optional else "") for s in p.inputs)
+    _block(
+        f"[bold]{escape(name)}[/] (plugin {escape(reg.plugin_of('passes', name))}, version {p.version})",
+        [("consumes", consumes or "-"), ("produces", p.produces), ("requires", ", ".join(p.requires) or "-")],
+    )
+    out.print()
+    out.print(escape(plain(p.description or p.__doc__ or "")) + "\n")
+    _print_options(p.options_schema or {}, f"options of {name}")
+
+
+@main.command()
+@click.argument("name", required=False)
+def sources(name: str | None) -> None:
+    """List model sources (model.source in a recipe) and data sources (data.calibration /
+    data.validation). With NAME, describe one and every option it takes, e.g. `accelc sources images`.
+
+    \b
+    A recipe picks a model source with model.source; the other keys of model are its options.
+    A dataset entry picks its data source with source, or by its key (images: or tensors:).
+    Paths are relative to the recipe.
+    """
+    from .registry import default_registry
+    from .sources import did_you_mean
+
+    reg = default_registry()
+    cats = (("model source", "model_sources", reg.model_sources), ("data source", "data_sources", reg.data_sources))
+    if name is not None:
+        for label, cat, known in cats:
+            if name in known:
+                src = known[name]
+                _block(f"[bold]{escape(name)}[/] ({label}, plugin {escape(reg.plugin_of(cat, name))})", [])
+                out.print()
+                out.print(escape(plain(type(src).__doc__ or src.description or "")) + "\n")
+                example = _source_example(label, name, src)
+                if example:
+                    out.print("[bold]in a recipe[/]")
+                    out.print(escape(example) + "\n", highlight=False)
+                _print_options(src.options_schema, f"options of {name}")
+                return
+        every = [*reg.model_sources, *reg.data_sources]
+        raise click.BadParameter(f"no source '{name}'{did_you_mean(name, every)} (known: {', '.join(sorted(every))})",
+                                 param_hint="NAME")
+    for label, cat, known in cats:
+        out.print(f"[bold]{label}s[/]")
+        for n in sorted(known):
+            src = known[n]
+            _block(f"  [bold]{escape(n)}[/]  [dim]{escape(reg.plugin_of(cat, n))}[/]", [],
+                   plain(src.description or (type(src).__doc__ or "").strip().splitlines()[0]), indent=4)
+        out.print()
+    out.print("Describe one: accelc sources NAME")
+
+
+def _source_example(label: str, name: str, src: Any) -> str:
+    """A recipe snippet using the source with its required options (placeholders)."""
+    schema = src.options_schema or {}
+    required = [k for k in schema.get("required", []) if k != "source"]
+    samples = {"images": "images/", "tensors": "data.npz", "name": "resnet18", "callable": "my_model:build"}
+    if label == "model source":
+        lines = ["model:", f"  source: {name}"] + [f"  {k}: {samples.get(k, '...')}" for k in required]
+        if name == "python":
+            lines.append("  path: .            # the folder holding my_model.py, relative to the recipe")
+        return "\n".join(lines)
+    lines = ["data:", "  calibration:", f"    source: {name}"]
+    lines += [f"    {k}: {samples.get(k, '...')}" for k in required]
+    return "\n".join(lines)
 
 
 @main.command()

@@ -31,7 +31,11 @@ WEIGHTS_SCHEMA: dict[str, Any] = {
             "description": "Entry of a checkpoint dict holding the state_dict (e.g. state_dict).",
         },
         "strip_prefix": {"type": "string", "description": "Prefix removed from every key (e.g. 'module.')."},
-        "strict": {"type": "boolean", "default": True},
+        "strict": {
+            "type": "boolean",
+            "default": True,
+            "description": "Every key of the model and the file must match (load_state_dict strict).",
+        },
     },
     "oneOf": [{"required": ["file"]}, {"required": ["package", "path"]}],
 }

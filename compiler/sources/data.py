@@ -41,7 +41,7 @@ class ImagesSource(DataSource):
         "additionalProperties": False,
         "required": ["images"],
         "properties": {
-            "source": {"type": "string"},
+            "source": {"type": "string", "description": "This source's name (optional: picked by key)."},
             "images": {"type": "string", "minLength": 1, "description": "Folder (relative to the recipe)."},
             "input": {
                 "type": "string",
@@ -56,14 +56,24 @@ class ImagesSource(DataSource):
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "resize": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 256},
-                    "crop": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 224},
-                    "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                    "resize": {
+                        "type": "integer", "minimum": 1, "maximum": 8192, "default": 256,
+                        "description": "Shorter side after resizing (bilinear), in pixels.",
+                    },
+                    "crop": {
+                        "type": "integer", "minimum": 1, "maximum": 8192, "default": 224,
+                        "description": "Side of the center crop, in pixels (must match the input's H and W).",
+                    },
+                    "mean": {
+                        "type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3,
+                        "description": "Per-channel mean (RGB, 0..1 scale); default ImageNet's.",
+                    },
                     "std": {
                         "type": "array",
                         "items": {"type": "number", "exclusiveMinimum": 0},
                         "minItems": 3,
                         "maxItems": 3,
+                        "description": "Per-channel standard deviation (RGB, 0..1 scale); default ImageNet's.",
                     },
                 },
             },
@@ -71,9 +81,15 @@ class ImagesSource(DataSource):
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "per_image": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 1},
-                    "min_scale": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.25},
-                    "seed": {"type": "integer", "minimum": 0, "default": 0},
+                    "per_image": {
+                        "type": "integer", "minimum": 1, "maximum": 1024, "default": 1,
+                        "description": "Samples per image: the center crop plus per_image - 1 random-resized crops.",
+                    },
+                    "min_scale": {
+                        "type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.25,
+                        "description": "Smallest area fraction of a random-resized crop.",
+                    },
+                    "seed": {"type": "integer", "minimum": 0, "default": 0, "description": "Seed of the crops."},
                 },
             },
         },
@@ -165,10 +181,18 @@ class TensorsSource(DataSource):
         "additionalProperties": False,
         "required": ["tensors"],
         "properties": {
-            "source": {"type": "string"},
-            "tensors": {"type": "string", "minLength": 1},
-            "limit": {"type": "integer", "minimum": 1},
-            "labels_key": {"type": "string", "default": "labels"},
+            "source": {"type": "string", "description": "This source's name (optional: picked by key)."},
+            "tensors": {
+                "type": "string",
+                "minLength": 1,
+                "description": ".npy (one input) or .npz (arrays named after the inputs), relative to the recipe.",
+            },
+            "limit": {"type": "integer", "minimum": 1, "description": "Use at most this many samples."},
+            "labels_key": {
+                "type": "string",
+                "default": "labels",
+                "description": "Array of the .npz holding integer labels, shape (N,).",
+            },
         },
     }
 

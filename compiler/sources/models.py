@@ -15,7 +15,7 @@ from ..runners import scoped_sys_path
 from . import WEIGHTS_SCHEMA, ModelSource, did_you_mean, load_state_dict_into, missing_paths, weights_identity
 
 _COMMON = {
-    "source": {"type": "string"},
+    "source": {"type": "string", "description": "The model source's name."},
     "kwargs": {"type": "object", "description": "Keyword arguments for the constructor."},
     "weights": WEIGHTS_SCHEMA,
     "seed": {
@@ -49,7 +49,14 @@ class TorchvisionSource(ModelSource):
         "type": "object",
         "additionalProperties": False,
         "required": ["source", "name"],
-        "properties": {**_COMMON, "name": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"}},
+        "properties": {
+            **_COMMON,
+            "name": {
+                "type": "string",
+                "pattern": "^[a-z][a-z0-9_]*$",
+                "description": "A name from torchvision.models.list_models(), e.g. resnet18, mobilenet_v3_small.",
+            },
+        },
     }
 
     def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
@@ -110,10 +117,16 @@ class PythonSource(ModelSource):
         "required": ["source", "callable"],
         "properties": {
             **_COMMON,
-            "callable": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"},
+            "callable": {
+                "type": "string",
+                "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+                "description": "'module:attribute' of a function or class returning the nn.Module, e.g. "
+                "'my_model:build' for build() in my_model.py.",
+            },
             "path": {
                 "type": "string",
-                "description": "Directory added to sys.path (relative to the recipe).",
+                "description": "Folder holding the model's module, put on sys.path first (relative to the "
+                "recipe); write '.' for a model file next to the recipe.",
             },
         },
     }
