@@ -196,9 +196,8 @@ class Executor:
             elif self.store.lookup(key) is not None:
                 out.append(PlannedNode(node.id, node.pass_name, key, material, "cached"))
             else:
-                out.append(
-                    PlannedNode(node.id, node.pass_name, key, material, "run", _why(material, prev.get(node.id)))
-                )
+                why = _why(material, prev.get(node.id), node, self.graph.recipe)
+                out.append(PlannedNode(node.id, node.pass_name, key, material, "run", why))
         return out
 
     # -- execution ----------------------------------------------------------------------------
@@ -372,8 +371,9 @@ def pass_code_digest(cls: type) -> str | None:
     return sha256_file(path) if path and os.path.isfile(path) else None
 
 
-def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
-    """Why a node must run: what changed since the previous build's lock file, if known."""
+def _why(material: dict[str, Any], previous: dict[str, Any] | None, node: Any = None, recipe: Any = None) -> str:
+    """Why a node must run: what changed since the previous build's lock file, if known; changed
+    options are named as the recipe writes them (:mod:`accelc.explain`) when ``node`` is given."""
     if previous is None or "material" not in previous:
         return "not in cache"
     old = previous["material"]
@@ -387,7 +387,13 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
             for k in set(a.get("options", a)) | set(b.get("options", b))
             if a.get("options", a).get(k) != b.get("options", b).get(k)
         )
-        parts.append(f"options changed: {', '.join(keys) or 'source'}")
+        if node is not None:
+            from .explain import changed_fields
+
+            fields = changed_fields(node, a, b, recipe)
+            parts.append(f"changed in the recipe: {', '.join(fields) or 'the source'}")
+        else:
+            parts.append(f"options changed: {', '.join(keys) or 'source'}")
     if "version" in changed:
         parts.append("pass version changed")
     elif "code" in changed:
