@@ -578,6 +578,178 @@ def _source_example(label: str, name: str, src: Any) -> str:
 
 
 @main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image."
+)
+@click.option("--device", help="Run on this device (default: the target's, as deploy.json records it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def predict(out_dir: Path, files: tuple[Path, ...], top_k: int, device: str | None, as_json: bool) -> None:
+    """Run a build's artifact (OUT_DIR, as accelc build wrote it) on FILE...
+
+    \b
+    Image recipes: FILE... are images, preprocessed exactly as the build's data
+    (resize, center crop, mean/std from deploy.json), one call each; prints the
+    top-k classes (ImageNet names for a 1000-class output).
+    Other recipes: FILE is a .npy (the first input) or .npz (arrays named after
+    the inputs); prints each output's shape, dtype and first values.
+    """
+    import numpy as np
+
+    from .runtime import load
+
+    pred = load(out_dir, **({"device": device} if device else {}))
+    results: list[dict[str, Any]] = []
+    images = pred.preprocessing is not None and all(f.suffix.lower() not in (".npy", ".npz") for f in files)
+    for f in files:
+        if not f.is_file():
+            raise click.BadParameter(f"{f}: file not found", param_hint="FILE")
+        if images:
+            outs = pred(pred.preprocess([f]))
+            top = pred.top_k(outs[0], k=top_k)[0]
+            results.append({"file": str(f), "top_k": [{"index": i, "label": n, "probability": p} for i, n, p in top]})
+        else:
+            try:
+                loaded = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise click.BadParameter(f"{f}: not a .npy/.npz file: {e}", param_hint="FILE") from e
+            if isinstance(loaded, np.ndarray):
+                feeds = {pred.input_names[0]: loaded}
+            else:
+                feeds = {k: loaded[k] for k in loaded.files if k in pred.input_names}
+            try:
+                outs = pred(**feeds)
+            except TypeError as e:
+                raise click.BadParameter(f"{f}: {e}", param_hint="FILE") from e
+            results.append({
+                "file": str(f),
+                "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype),
+                             "values": np.asarray(o).reshape(-1)[:8].round(6).tolist()} for o in outs],
+            })
+    if as_json:
+        out.print_json(json.dumps(results))
+        return
+    for r in results:
+        out.print(f"[bold]{escape(r['file'])}[/]")
+        for t in r.get("top_k", []):
+            name = t["label"] if t["label"] is not None else f"class {t['index']}"
+            out.print(f"  {t['probability']:7.2%}  {escape(name)}  [dim](index {t['index']})[/]")
+        for i, o in enumerate(r.get("outputs", [])):
+            vals = ", ".join(f"{v:.4g}" for v in o["values"])
+            more = ", ..." if len(o["values"]) == 8 else ""
+            out.print(f"  output {i}: shape {o['shape']} {o['dtype']}: {escape(vals)}{more}")
+
+
+@main.command()
+@click.option("--model", "model_ref", required=True,
+              help="torchvision:NAME (e.g. torchvision:resnet18) or python:MODULE:CALLABLE (e.g. "
+              "python:my_model:build, with --path for its folder).")
+@click.option("--path", "model_path", help="Folder holding the python model's module, relative to the recipe "
+              "(default: the recipe's folder, '.').")
+@click.option("--weights", help="state_dict file for the model (relative to the recipe).")
+@click.option("--input-shape", default="1,3,224,224", show_default=True,
+              help="The example input shape, comma-separated; a leading 1 becomes a dynamic batch (1..32).")
+@click.option("--input-name", default="input", show_default=True)
+@click.option("--target", "-t", "target_name", default="cpu", show_default=True, help="See `accelc targets`.")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]),
+              help="Default: int8 on cpu, the target's first precision elsewhere.")
+@click.option("--data", "data_path", required=True,
+              help="Calibration data: an image folder (image-shaped inputs) or a .npy/.npz file; relative to the "
+              "recipe.")
+@click.option("--validation", "validation_path", help="Validation data, as --data (default: --data, other crops).")
+@click.option("--name", help="Recipe name (default: from the model and target).")
+@click.option("--output", "-o", "dest", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.yaml"),
+              show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(model_ref: str, model_path: str | None, weights: str | None, input_shape: str, input_name: str,
+         target_name: str, precision: str | None, data_path: str, validation_path: str | None, name: str | None,
+         dest: Path, force: bool) -> None:
+    """Write a starting recipe from a few flags, checked as accelc validate checks it.
+
+    \b
+    Example:
+      accelc init --model torchvision:resnet18 --weights resnet18.pt --data photos/
+      accelc init --model python:my_model:build --input-shape 1,3,32,32 --data cal.npz
+    The recipe is written only if it validates (paths are checked, relative to it).
+    """
+    import os
+    import tempfile
+
+    import yaml
+
+    from .build import prepare
+    from .errors import RecipeError
+    from .registry import default_registry
+
+    if dest.exists() and not force:
+        raise click.UsageError(f"{dest} exists; pass --force to overwrite it")
+    kind, _, ref = model_ref.partition(":")
+    if kind == "torchvision" and ref:
+        model: dict[str, Any] = {"source": "torchvision", "name": ref}
+    elif kind == "python" and ":" in ref:
+        model = {"source": "python", "callable": ref, "path": model_path or "."}
+    else:
+        raise click.BadParameter("expected torchvision:NAME or python:MODULE:CALLABLE", param_hint="--model")
+    if weights:
+        model["weights"] = {"file": weights}
+    try:
+        shape = [int(v) for v in input_shape.replace("x", ",").split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(
+            f"'{input_shape}': expected integers like 1,3,224,224", param_hint="--input-shape"
+        ) from e
+    inp: dict[str, Any] = {"name": input_name, "shape": shape, "dtype": "float32"}
+    if shape and shape[0] == 1:
+        inp["dynamic"] = [{"axis": 0, "name": "batch", "min": 1, "opt": 1, "max": 32}]
+    reg = default_registry()
+    tp = reg.targets.get(target_name)
+    if tp is None:
+        from .sources import did_you_mean
+
+        raise click.BadParameter(f"unknown target '{target_name}'{did_you_mean(target_name, reg.targets)} "
+                                 f"(known: {', '.join(sorted(reg.targets))})", param_hint="--target")
+    precs = list(tp.runtimes.get(tp.default_runtime, {}))
+    precision = precision or ("int8" if "int8" in precs else precs[0])
+    image = len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3]
+
+    def dataset(path: str, seed: int) -> dict[str, Any]:
+        if path.endswith((".npy", ".npz")):
+            return {"tensors": path}
+        crop = shape[2] if image else 224
+        return {"images": path, "preprocess": {"resize": round(crop * 256 / 224), "crop": crop},
+                "crops": {"per_image": 4, "min_scale": 0.25, "seed": seed}}
+
+    doc: dict[str, Any] = {
+        "name": name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ref.split(':')[-1]}_{target_name}_{precision}"),
+        "model": model,
+        "inputs": [inp],
+        "target": target_name,
+        "precision": precision,
+        "data": {"calibration": dataset(data_path, 0), "validation": dataset(validation_path or data_path, 1)},
+        "verify": {"tolerances": {"top1_agreement": 0.95, "cosine": 0.99}},
+        "benchmark": {"batch_sizes": [1, 8], "warmup": 10, "iterations": 50},
+    }
+    header = ("# Written by accelc init; edit freely (accelc sources / accelc passes NAME list every option).\n"
+              "# Check it with: accelc validate " + str(dest) + "\n")
+    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            graph, _ = prepare(tmp)  # validated where it will live: relative paths resolve the same
+        except RecipeError as e:  # name the file the user asked for, not the temporary one
+            raise RecipeError(str(dest), e.issues) from None
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    out.print(f"[green]wrote[/] {escape(str(dest))}: {graph.recipe.name}, {len(graph.nodes)} nodes "
+              f"(target {target_name}, {precision}); next: accelc build {escape(str(dest))}")
+
+
+@main.command()
 def targets() -> None:
     """List target profiles: device, capabilities and default pipeline per runtime and precision."""
     from .registry import default_registry

@@ -12,9 +12,9 @@ from typing import Any
 
 #: Options a pass receives from lowering, by where the recipe sets them (``{stage}``: the verified stage).
 _LOWERED = {
-    "tolerances": "verify.tolerances (or verify.stages.{stage})",
+    "tolerances": "verify.tolerances{rest} (or verify.stages.{stage}{rest})",
     "runtime": "runtime",
-    "selection.tolerances": "verify.tolerances (or verify.stages.quantize)",
+    "selection.tolerances": "verify.tolerances{rest} (or verify.stages.quantize{rest})",
     "selection.batch_size": "verify.batch_size",
     "selection.runtime": "runtime",
     "selection.latency_iterations": "{step}.selection.latency_iterations",
@@ -76,9 +76,8 @@ def recipe_field(node: Any, path: str, recipe: Any = None) -> str:
         return f"{_step_ref(recipe, 'quantize')}.{opt.removeprefix('selection.quantize.')}"
     for prefix, where in _LOWERED.items():
         if opt == prefix or opt.startswith(prefix + "."):
-            rest = opt[len(prefix) :].lstrip(".")
-            base = where.format(stage=pass_name, step=step)
-            return f"{base}.{rest}" if rest and "(" not in base else (f"{base}: {rest}" if rest else base)
+            rest = opt[len(prefix) :]
+            return where.format(stage=pass_name, step=step, rest=rest)
     if opt in ("batch_size",) and pass_name == "quantize":
         return "verify.batch_size"
     return f"{step}.{opt}"
