@@ -114,13 +114,22 @@ def _latency(report: dict[str, Any], path: Path) -> bool:
         return False
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
-    ax.hist(samples, bins=min(40, max(5, len(samples) // 3)), color="tab:blue", alpha=0.8)
+    import numpy as np
+
+    bins: Any = min(40, max(5, len(samples) // 3))
+    lo, hi = min(samples), max(samples)
+    wide = lo > 0 and hi / lo > 10  # outliers (p99 >> p50): a log axis keeps the bulk visible
+    if wide:
+        bins = np.geomspace(lo, hi, bins + 1)
+    ax.hist(samples, bins=bins, color="tab:blue", alpha=0.8)
+    if wide:
+        ax.set_xscale("log")
     for q, style in (("p50_ms", "-"), ("p99_ms", "--")):
         if b1.get(q) is not None:
             ax.axvline(b1[q], color="black", linestyle=style, linewidth=1)
             ax.annotate(f"{q[:3]} {b1[q]:.3g} ms", (b1[q], ax.get_ylim()[1]), textcoords="offset points",
                         xytext=(3, -12), fontsize=8)
-    ax.set_xlabel("latency per call, batch 1 (ms)")
+    ax.set_xlabel("latency per call, batch 1 (ms" + (", log scale)" if wide else ")"))
     ax.set_ylabel("timed runs")
     kind = bench[-1]["metrics"].get("artifact_kind", "")
     ax.set_title(f"Batch-1 latency distribution of the artifact ({kind}, {len(samples)} runs)", fontsize=10)
