@@ -375,23 +375,30 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if len(set(names)) != len(names):
         issues.append(SchemaIssue("inputs", f"input names must be unique, got {names}"))
 
-    if issues:
-        raise RecipeError(where, issues)
+    # Paths are resolved and checked for every source whose options are valid, even when other
+    # parts of the recipe have problems, so one validate round reports them all.
+    def clean(prefix: str) -> bool:
+        return not any(i.where == prefix or i.where.startswith((f"{prefix}.", f"{prefix}[")) for i in issues)
 
-    model = _resolve_paths(
-        apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base, "model", issues
-    )
-    for role, spec in data.items():
-        src = registry.data_sources[spec["source"]]
-        data[role] = _resolve_paths(
-            apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+    model = raw["model"]
+    model_ok = model_src is not None and clean("model")
+    if model_ok:
+        model = _resolve_paths(
+            apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base, "model", issues
         )
-    if issues:
-        raise RecipeError(where, issues)
-    # what can be checked without running the user's code: files, folders, modules, model names
-    issues += _source_issues(model_src, model, "model")
+    data_ok = {role: clean(f"data.{role}") for role in data}
     for role, spec in data.items():
-        issues += _source_issues(registry.data_sources[spec["source"]], spec, f"data.{role}")
+        if data_ok[role]:
+            src = registry.data_sources[spec["source"]]
+            data[role] = _resolve_paths(
+                apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+            )
+    # what can be checked without running the user's code: files, folders, modules, model names
+    if model_ok and clean("model"):
+        issues += _source_issues(model_src, model, "model")
+    for role, spec in data.items():
+        if data_ok[role] and clean(f"data.{role}"):
+            issues += _source_issues(registry.data_sources[spec["source"]], spec, f"data.{role}")
     rt = raw.get("runtime")
     tp = registry.targets.get(target_name)
     if rt is not None and tp is not None and rt not in tp.runtimes:

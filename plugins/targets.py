@@ -19,7 +19,8 @@ from .hookspecs import hookimpl
 #: do): calibrate tries min-max, entropy and percentile ranges on the validation set and keeps the
 #: best; quantize verifies the quantize stage's tolerances itself and keeps the most sensitive nodes
 #: in float until they hold (at most ``max_fp32_nodes``), failing with their names when none does.
-_CPU_ACCURACY_AWARE_INT8 = (("calibrate", {"method": "auto"}), ("quantize", {"fallback": "auto"}))
+#: A build that verifies nothing (no data.validation, verify off, no tolerances) quantizes plainly.
+_CPU_ACCURACY_AWARE_INT8 = {"calibrate": {"method": "auto"}, "quantize": {"fallback": "auto"}}
 
 CPU = TargetProfile(
     name="cpu",
@@ -31,8 +32,8 @@ CPU = TargetProfile(
         "onnxruntime": {
             "fp32": Pipeline.of("fuse_modules", "export_onnx", "onnxsim", verify_after=("onnxsim",)),
             "int8": Pipeline.of(
-                "fuse_modules", "export_onnx", "onnxsim", *_CPU_ACCURACY_AWARE_INT8,
-                verify_after=("onnxsim", "quantize"),
+                "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize",
+                verify_after=("onnxsim", "quantize"), when_verified=_CPU_ACCURACY_AWARE_INT8,
             ),
         },
         "openvino": {
@@ -40,8 +41,8 @@ CPU = TargetProfile(
                 "fuse_modules", "export_onnx", "onnxsim", "openvino_ir", verify_after=("onnxsim", "openvino_ir")
             ),
             "int8": Pipeline.of(
-                "fuse_modules", "export_onnx", "onnxsim", *_CPU_ACCURACY_AWARE_INT8, "openvino_ir",
-                verify_after=("onnxsim", "openvino_ir"),
+                "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize", "openvino_ir",
+                verify_after=("onnxsim", "openvino_ir"), when_verified=_CPU_ACCURACY_AWARE_INT8,
             ),
         },
     },
