@@ -276,7 +276,7 @@ class Calibrate(Pass):
         with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-") as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
             for i, method in enumerate(options["candidates"]):
-                ctx.progress(f"calibration trials ({method})", i, len(options["candidates"]))
+                ctx.progress("calibration trials (one per method)", i, len(options["candidates"]))
                 ranges = self._collect(ctx, inputs["model"].file, data, method, options)
                 tensors = len(ranges.data)
                 table = tables / f"{method}.json"
@@ -294,6 +294,7 @@ class Calibrate(Pass):
                 rec.update(_trial_record(evaluator.metrics(q), tolerances))
                 trials.append(rec)
                 models[method] = q
+                ctx.progress("calibration trials (one per method)", i + 1, len(options["candidates"]))
             ctx.progress("latency of the trials, side by side")
             lat = p50_latency_ms(
                 models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20),

@@ -216,8 +216,9 @@ def rank_units(
     """
     rows = []
     for i, u in enumerate(units):
-        progress(f"sensitivity: {u.name}", i, len(units))
+        progress("sensitivity: one node quantized at a time", i, len(units))
         m = evaluator.metrics(quantize_only(list(u.nodes)))
+        progress("sensitivity: one node quantized at a time", i + 1, len(units))
         rows.append(
             {
                 "node": u.name,
