@@ -98,8 +98,10 @@ def test_a_failed_build_leaves_no_deploy_json(int8_build, cache):
     good = build(tmp / "recipe.yaml", out_dir=tmp / "again", cache_dir=cache)  # from the cache
     assert good.ok and (tmp / "again" / "deploy.json").is_file()
     bad = build(
-        write_tiny_recipe(tmp, "strict.yaml", passes=["fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize"],
-                          verify={"tolerances": {"cosine": 0.999999999}}),
+        write_tiny_recipe(
+            tmp, "strict.yaml", passes=["fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize"],
+            verify={"tolerances": {"cosine": 0.999999999}},
+        ),
         out_dir=tmp / "again",
         cache_dir=cache,
     )
