@@ -358,3 +358,16 @@ def test_long_passes_report_counted_progress(tmp_path, cache):
     assert trials[0] == (0, 3) and trials[-1] == (3, 3)  # minmax, entropy, percentile
     units = [(d, t) for n, m, d, t in rep.counts if m.startswith("sensitivity")]
     assert units[-1][0] == units[-1][1] > 1
+
+
+def test_plan_names_lowered_options_as_the_recipe_writes_them(int8_build, cache):
+    """calibrate's trials score against the quantize stage's tolerances (its ``selection`` option, set by
+    lowering): a changed verify tolerance is explained as that recipe field, not as ``selection``."""
+    from accelc.build import plan
+
+    tmp, outcome = int8_build
+    _, nodes = plan(write_tiny_recipe(tmp, "tol.yaml", verify={"tolerances": {"cosine": 0.8}}),
+                    cache_dir=cache, out_dir=outcome.out_dir)
+    why = {n.id: n.reason for n in nodes if n.status == "run"}
+    assert "verify.tolerances.cosine" in why["calibrate"] and "selection" not in why["calibrate"]
+    assert "verify.tolerances.cosine" in why["quantize"]
