@@ -751,29 +751,28 @@ def init(model_ref: str, model_path: str | None, weights: str | None, input_shap
 
 @main.command()
 def targets() -> None:
-    """List target profiles: device, capabilities and default pipeline per runtime and precision."""
+    """List target profiles: device, capabilities and default pipeline per runtime and precision
+    (* marks the stages verified; options in braces apply when the build verifies with tolerances)."""
     from .registry import default_registry
 
     reg = default_registry()
-    t = Table(title="targets")
-    for col in ("target", "plugin", "device", "needs", "runtime", "precision", "pipeline (verify after *)"):
-        t.add_column(col, overflow="fold")
     for name in sorted(reg.targets):
         tp = reg.targets[name]
+        rows = [("device", f"{tp.device}; needs {', '.join(tp.capabilities) or '-'}")]
         for rt, by_prec in tp.runtimes.items():
             for prec, pl in by_prec.items():
-                steps = " → ".join(s.name + ("*" if s.name in pl.verify_after else "") for s in pl.steps)
-                default = " (default)" if rt == tp.default_runtime else ""
-                t.add_row(
-                    name,
-                    reg.plugin_of("targets", name),
-                    tp.device,
-                    ", ".join(tp.capabilities),
-                    rt + default,
-                    prec,
-                    steps,
+                extra = {x.name: x.options for x in getattr(pl, "when_verified", ())}
+                steps = " → ".join(
+                    s.name
+                    + ("*" if s.name in pl.verify_after else "")
+                    + (" {" + ", ".join(f"{k}: {v}" for k, v in extra[s.name].items()) + "}" if s.name in extra else "")
+                    for s in pl.steps
                 )
-    out.print(t)
+                rows.append((f"{rt} {prec}" + (" (default)" if rt == tp.default_runtime else ""), steps))
+        _block(
+            f"[bold]{escape(name)}[/]  {escape(tp.description)}  [dim]{escape(reg.plugin_of('targets', name))}[/]", rows
+        )
+        out.print()
 
 
 @main.command()
