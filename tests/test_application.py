@@ -265,7 +265,7 @@ def test_validate_runs_no_user_code(tmp_path):
 _MARKUP = re.compile(r":(func|class|mod|meth|data|attr):`|``")
 
 
-@pytest.mark.parametrize("args", [["passes"], ["passes", "quantize"], ["passes", "load_data"], ["sources"],
+@pytest.mark.parametrize("args", [["passes"], ["passes", "quantize"], ["passes", "load_data"], ["sources"], ["targets"],
                                   ["sources", "images"], ["sources", "python"]])
 def test_help_is_terminal_text_that_fits_80_columns(args):
     r = cli(args, columns=80)
