@@ -10,8 +10,9 @@ The out dir of a successful build holds the deployed files, ``report.json``, ``r
 - ``inputs``: the input signature (name, shape, dtype, dynamic axes), in model order;
 - ``preprocess``: for an image recipe, the ``images`` source's evaluation transform
   (``{"input", "resize", "crop", "mean", "std"}``), applied by ``predictor.preprocess``;
-- ``labels``: ``"imagenet1k"`` when the recipe feeds ImageNet-normalised images (class names
-  are then shown for a 1000-way output);
+- ``labels``: ``"imagenet1k"`` for an image recipe: a 1000-way output of an image model is an
+  ImageNet-1k classifier's in practice (torchvision's, timm's, EfficientNet-Lite's, whatever their
+  mean/std), so the predictor names those classes; any other output is shown by index;
 - ``recipe``: the resolved recipe (defaults filled in, paths absolute) and the lowered pipeline.
 """
 
@@ -29,7 +30,7 @@ DEPLOY_NAME = "deploy.json"
 DEPLOY_FORMAT = 1
 
 
-def image_preprocessing(recipe: Any, registry: Any) -> dict[str, Any] | None:
+def image_preprocessing(recipe: Any) -> dict[str, Any] | None:
     """The ``images`` transform of the recipe's validation set (else its calibration set), with
     the input it feeds; ``None`` when no dataset is an ``images`` one."""
     from .sources.data import preprocess_settings
@@ -44,14 +45,11 @@ def image_preprocessing(recipe: Any, registry: Any) -> dict[str, Any] | None:
 
 def deploy_manifest(ex: Any, result: Any, report: dict[str, Any]) -> dict[str, Any] | None:
     """The ``deploy.json`` document for a build, or ``None`` when it deployed nothing (failed)."""
-    from .sources.data import IMAGENET_MEAN, IMAGENET_STD
-
     if result.final is None or not report.get("final_artifact"):
         return None
     g = ex.graph
     r = g.recipe
-    pre = image_preprocessing(r, ex.registry)
-    imagenet = pre is not None and _close(pre["mean"], IMAGENET_MEAN) and _close(pre["std"], IMAGENET_STD)
+    pre = image_preprocessing(r)
     kind = getattr(ex.registry, "kinds", {}).get(result.final.kind)
     device = g.target.device if kind is not None and kind.device_bound else "cpu"
     return {
@@ -67,7 +65,7 @@ def deploy_manifest(ex: Any, result: Any, report: dict[str, Any]) -> dict[str, A
         "precision": r.precision,
         "inputs": r.signature.to_json(),
         "preprocess": pre,
-        "labels": "imagenet1k" if imagenet else None,
+        "labels": "imagenet1k" if pre is not None else None,
         "recipe": {
             "name": r.name,
             "file": str(r.file),
@@ -82,10 +80,6 @@ def deploy_manifest(ex: Any, result: Any, report: dict[str, Any]) -> dict[str, A
             "pipeline": [{"node": n.id, "pass": n.pass_name, "options": n.options} for n in g.nodes],
         },
     }
-
-
-def _close(a: Any, b: Any) -> bool:
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b, strict=True))
 
 
 def read_deploy(directory: Path) -> dict[str, Any] | None:

@@ -32,12 +32,14 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Any:
 
 
 def search_stage(report: dict[str, Any]) -> dict[str, Any] | None:
-    """The last stage that tried several configurations with latencies (quantize, else calibrate)."""
-    found = None
+    """The stage whose accuracy search tried the most configurations with latencies (the later one
+    on a tie: quantize's fallback trials over calibrate's methods), or ``None``."""
+    found, most = None, 0
     for s in report.get("stages", []):
         trials = (s.get("metrics") or {}).get("trials")
-        if isinstance(trials, list) and trials and any(t.get("p50_ms") is not None for t in trials):
-            found = s
+        n = sum(t.get("p50_ms") is not None for t in trials) if isinstance(trials, list) else 0
+        if n and n >= most:
+            found, most = s, n
     return found
 
 
@@ -51,7 +53,7 @@ def _accuracy_latency(report: dict[str, Any], path: Path) -> bool:
     label = {"top1_agreement": "top-1 agreement with the source model", "cosine": "cosine similarity (mean)"}[metric]
     fig = _figure()
     ax = fig.add_subplot()
-    for t in trials:
+    for idx, t in enumerate(trials):
         x, y = t["p50_ms"], t.get(metric)
         if y is None:
             continue
@@ -62,8 +64,9 @@ def _accuracy_latency(report: dict[str, Any], path: Path) -> bool:
         color = "tab:green" if t.get("passed") else "tab:red"
         ax.scatter([x], [y], s=140 if t.get("kept") else 45, c=color, marker="*" if t.get("kept") else "o",
                    edgecolors="black" if t.get("kept") else "none", zorder=3)
+        # staggered labels: trials often tie on accuracy and land on one another
         ax.annotate(name + (" (kept)" if t.get("kept") else ""), (x, y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+                    xytext=(6, 4 - 12 * (idx % 3)), fontsize=8)
     lat = m.get("latency") if isinstance(m.get("latency"), dict) else {}
     if lat.get("fp32_ms"):
         ax.axvline(lat["fp32_ms"], color="gray", linestyle="--", linewidth=1)

@@ -38,8 +38,8 @@ class Predictor:
         signature: the recipe's :class:`accelc.signature.InputSignature` (shapes, dtypes, dynamic axes).
         deploy: the out dir's ``deploy.json`` (kind, runtime, preprocessing, resolved recipe).
         runner: the runtime plugin's runner (``run(feeds) -> list[np.ndarray]``).
-        class_names: ImageNet's 1000 class names when the recipe feeds ImageNet-normalised
-            images (from torchvision's weight metadata), else ``None``.
+        class_names: ImageNet-1k's class names (from torchvision's weight metadata) for an image
+            recipe, else ``None``; :meth:`top_k` uses them for a 1000-class output only.
     """
 
     def __init__(self, directory: Path, deploy: dict[str, Any], runner: Any):
