@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from .artifacts import sha256_file, tree_digest
 from .cache import Store, default_root, is_no_space, safe_relative, size_limit_from_env
+from .deploy import DEPLOY_NAME, deploy_manifest
 from .errors import AccelcError, LockTimeoutError, OutDirError
 from .executor import (
     DEFAULT_LOCK_TIMEOUT_S,
@@ -48,6 +49,7 @@ from .executor import (
 )
 from .graph import PassGraph, lower
 from .host import Host
+from .plots import PLOT_FILES
 from .recipe import load_recipe
 from .registry import default_registry
 from .report import LOCK_NAME, build_lock, build_report, read_lock, write_outputs
@@ -55,7 +57,7 @@ from .report import LOCK_NAME, build_lock, build_report, read_lock, write_output
 #: Lock file inside an out dir, held while a build publishes its artifact and reports there.
 OUT_LOCK = ".accelc-out.lock"
 #: Report files a build writes into its out dir (:mod:`accelc.report`).
-REPORT_FILES = ("report.json", "report.md", LOCK_NAME)
+REPORT_FILES = ("report.json", "report.md", LOCK_NAME, DEPLOY_NAME, *PLOT_FILES)
 #: accelc's own directory inside an out dir: ``generations/<id>/`` and the ``current`` pointer.
 META_DIR = ".accelc"
 #: Names of generation directories (``g<ns hex>-<pid>-<random>``); nothing else there is removed.
@@ -326,8 +328,8 @@ def _publish(
             lock["final"]["sha256"] = {  # what this publish wrote (copies already checked against ``expected``)
                 n: expected[n] if expected and n in expected else sha256_file(gen / n) for n in files
             }
-            write_outputs(gen, report, lock)
-            published = [*files, *REPORT_FILES]
+            write_outputs(gen, report, lock, deploy_manifest(ex, result, report))
+            published = [*files, *(n for n in REPORT_FILES if (gen / n).is_file())]  # plots drawn, deploy.json
             for name in published:  # new names dangle until the switch, so they show nothing early
                 if not _is_our_link(out, name):
                     tmp_link = out / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,24 +80,63 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 class RichReporter:
-    """Progress display: a spinner on the running pass, one line per finished pass."""
+    """Progress display: per running pass a live ``rich.progress`` display (a spinner with the pass's
+    status line, and a bar with counts, elapsed time and ETA for each counted step it reports:
+    sensitivity units, trials, calibration batches, timed runs), then one line per finished pass."""
 
     def __init__(self, console: Console):
         self.console = console
-        self.status: Any = None
+        self.progress: Any = None
+        self.main_task: Any = None
+        self.tasks: dict[str, Any] = {}
 
     def stage_started(self, node_id: str, pass_name: str) -> None:
-        self.status = self.console.status(f"[bold]{escape(node_id)}[/] running…")
-        self.status.start()
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._stop()
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.progress.start()
+        self.main_task = self.progress.add_task(f"[bold]{escape(node_id)}[/] running…", total=None)
+        self.tasks = {}
 
     def stage_progress(self, node_id: str, message: str) -> None:
-        if self.status:
-            self.status.update(f"[bold]{escape(node_id)}[/] {escape(message)}")
+        if self.progress is not None:
+            self.progress.update(self.main_task, description=f"[bold]{escape(node_id)}[/] {escape(message)}")
+
+    def stage_count(self, node_id: str, message: str, done: int, total: int) -> None:
+        """A counted step: ``done`` of ``total`` (sensitivity units, trials, batches, timed runs)."""
+        if self.progress is None:
+            return
+        task = self.tasks.get(message)
+        if task is None:
+            task = self.tasks[message] = self.progress.add_task(f"  {escape(message)}", total=total)
+        self.progress.update(task, completed=done, total=total)
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     def stage_finished(self, node_id: str, cached: bool, seconds: float, metrics: dict[str, Any]) -> None:
-        if self.status:
-            self.status.stop()
-            self.status = None
+        self._stop()
         state = metrics.get("status")
         if state == "blocked":
             mark = "[yellow]⊘ blocked[/]"
@@ -386,37 +426,123 @@ def validate(recipe: Path, target: str | None) -> None:
     out.print(f"[green]ok[/]: {recipe} ({len(graph.nodes)} nodes, final: {graph.final})")
 
 
+_RST_ROLE = re.compile(r":[a-zA-Z]+(?::[a-zA-Z]+)?:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText roles (``:func:`x```, ``:class:`~a.B```)
+    become their target's name, double-backtick literals lose their backticks, ``::`` ends in ``:``,
+    and hard-wrapped paragraph lines are joined so the terminal wraps them at word boundaries
+    (bullets and indented lines keep their own lines)."""
+    import inspect
+
+    def role(m: re.Match[str]) -> str:
+        target = m.group(1).strip()
+        return target.rsplit(".", 1)[-1] if m.group(0).split("`", 1)[1].startswith("~") else target
+
+    text = _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(role, inspect.cleandoc(text)))
+    text = re.sub(r"::$", ":", text, flags=re.M)
+    out: list[str] = []
+    for line in text.splitlines():
+        starts_item = re.match(r"^(\s+|[-*] |\d+[.)] |[A-Z][\w ]*:$)", line) is not None
+        if out and out[-1] and line.strip() and not starts_item and not out[-1].endswith(":"):
+            out[-1] = out[-1].rstrip() + " " + line.strip()
+        elif out and out[-1] and line.startswith("  ") and re.match(r"^(\s*)[-*] ", out[-1] or "") is not None:
+            out[-1] = out[-1].rstrip() + " " + line.strip()  # continuation of a bullet
+        else:
+            out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def _block(title: str, rows: list[tuple[str, str]], body: str = "", indent: int = 2) -> None:
+    """One entry of a listing, readable at 80 columns: a bold title, then label/value rows with the
+    value wrapped at word boundaries, then an optional paragraph."""
+    out.print(title, highlight=False)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=max([len(r[0]) for r in rows] + [8]) + 2, no_wrap=True, style="dim")
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(f"  {label}", escape(text))
+    if rows:
+        out.print(grid)
+    if body:
+        from rich.padding import Padding
+
+        out.print(Padding(escape(body), (0, 0, 0, indent)))
+
+
+def _flat_options(schema: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every option of a JSON Schema object, nested objects as dotted names (``preprocess.resize``)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for name in sorted((schema or {}).get("properties", {})):
+        spec = schema["properties"][name]
+        dotted = f"{prefix}{name}"
+        nested = spec.get("properties") if spec.get("type") == "object" else None
+        if nested:
+            if spec.get("description"):
+                rows.append((dotted, {**spec, "type": "object"}))
+            rows += _flat_options(spec, dotted + ".")
+        else:
+            rows.append((dotted, spec))
+    return rows
+
+
+def _print_options(schema: dict[str, Any], title: str) -> None:
+    from rich.padding import Padding
+
+    rows = _flat_options(schema)
+    if not rows:
+        out.print(f"{title}: none")
+        return
+    out.print(f"[bold]{escape(title)}[/]")
+    for opt, spec in rows:
+        default = f"  (default {json.dumps(spec['default'])})" if "default" in spec else ""
+        out.print(f"  [bold]{escape(opt)}[/]  {escape(_option_type(spec))}{escape(default)}", highlight=False)
+        meaning = plain(spec.get("description", "")) or "-"
+        out.print(Padding(escape(meaning), (0, 0, 0, 6)))
+
+
 @main.command()
 @click.argument("name", required=False)
 def passes(name: str | None) -> None:
     """List every registered pass: plugin, version, inputs, output and host requirements.
 
     With NAME, describe that pass: its full description and every option a recipe may set
-    (type, default, meaning), e.g. `accelc passes quantize`.
+    (type, default, meaning), e.g. `accelc passes quantize`. Model and data sources: `accelc sources`.
     """
     from .registry import default_registry
+    from .sources import did_you_mean
 
     reg = default_registry()
     if name is not None:
         if name not in reg.passes:
-            raise click.BadParameter(f"no pass '{name}' (known: {', '.join(sorted(reg.passes))})", param_hint="NAME")
+            where = ""
+            if name in reg.model_sources or name in reg.data_sources:
+                what = "model" if name in reg.model_sources else "data"
+                where = f"; '{name}' is a {what} source: accelc sources {name}"
+            raise click.BadParameter(
+                f"no pass '{name}'{did_you_mean(name, reg.passes)}{where} (known: {', '.join(sorted(reg.passes))})",
+                param_hint="NAME",
+            )
         _describe_pass(reg, name)
         return
-    t = Table(title="passes")
-    for col in ("pass", "plugin", "version", "consumes", "produces", "requires", "description"):
-        t.add_column(col, overflow="fold")
     for name in sorted(reg.passes):
         p = reg.passes[name]
-        t.add_row(
-            name,
-            reg.plugin_of("passes", name),
-            p.version,
-            "; ".join(f"{s.name}: {'|'.join(s.kinds) if len(s.kinds) < 4 else 'runnable'}" for s in p.inputs),
-            p.produces,
-            ", ".join(p.requires) or "-",
-            p.summary(),
+        consumes = "; ".join(f"{s.name}: {_slot_kinds(s)}" + (" (optional)" if s.optional else "") for s in p.inputs)
+        _block(
+            f"[bold]{escape(name)}[/]  [dim]{escape(reg.plugin_of('passes', name))}, version {p.version}[/]",
+            [("consumes", consumes or "-"), ("produces", p.produces), ("requires", ", ".join(p.requires) or "-")],
+            plain(p.summary()),
         )
-    out.print(t)
+        out.print()
+
+
+def _slot_kinds(slot: Any, limit: int = 3) -> str:
+    """The kinds a slot accepts: ``onnx|onnx.qdq``, or ``any runnable kind``."""
+    if not slot.kinds or len(slot.kinds) > limit:
+        return "any runnable kind" if slot.runnable or len(slot.kinds) > limit else "-"
+    return "|".join(slot.kinds) + (" or any runnable kind" if slot.runnable else "")
 
 
 def _option_type(spec: dict[str, Any]) -> str:
@@ -432,54 +558,271 @@ def _option_type(spec: dict[str, Any]) -> str:
 
 
 def _describe_pass(reg: Any, name: str) -> None:
-    """Print a pass's docstring and a table of its options (from its JSON Schema)."""
-    import inspect
-
+    """Print a pass's description (terminal text, no RST markup) and every option (from its JSON Schema)."""
     p = reg.passes[name]
-    out.print(f"[bold]{escape(name)}[/] (plugin {escape(reg.plugin_of('passes', name))}, version {p.version})")
-    consumes = "; ".join(f"{s.name}: {'|'.join(s.kinds)}" + (" (optional)" if s.optional else "") for s in p.inputs)
-    out.print(f"consumes: {escape(consumes or '-')}")
-    out.print(f"produces: {escape(p.produces)}; requires: {escape(', '.join(p.requires) or '-')}\n")
-    out.print(escape(inspect.cleandoc(p.description or p.__doc__ or "")) + "\n")
-    props = (p.options_schema or {}).get("properties", {})
-    if not props:
-        out.print("options: none")
+    consumes = "; ".join(f"{s.name}: {_slot_kinds(s, 99)}" + (" (optional)" if s.optional else "") for s in p.inputs)
+    _block(
+        f"[bold]{escape(name)}[/] (plugin {escape(reg.plugin_of('passes', name))}, version {p.version})",
+        [("consumes", consumes or "-"), ("produces", p.produces), ("requires", ", ".join(p.requires) or "-")],
+    )
+    out.print()
+    out.print(escape(plain(p.description or p.__doc__ or "")) + "\n")
+    _print_options(p.options_schema or {}, f"options of {name}")
+
+
+@main.command()
+@click.argument("name", required=False)
+def sources(name: str | None) -> None:
+    """List model sources (model.source in a recipe) and data sources (data.calibration /
+    data.validation). With NAME, describe one and every option it takes, e.g. `accelc sources images`.
+
+    \b
+    A recipe picks a model source with model.source; the other keys of model are its options.
+    A dataset entry picks its data source with source, or by its key (images: or tensors:).
+    Paths are relative to the recipe.
+    """
+    from .registry import default_registry
+    from .sources import did_you_mean
+
+    reg = default_registry()
+    cats = (("model source", "model_sources", reg.model_sources), ("data source", "data_sources", reg.data_sources))
+    if name is not None:
+        for label, cat, known in cats:
+            if name in known:
+                src = known[name]
+                _block(f"[bold]{escape(name)}[/] ({label}, plugin {escape(reg.plugin_of(cat, name))})", [])
+                out.print()
+                out.print(escape(plain(type(src).__doc__ or src.description or "")) + "\n")
+                example = _source_example(label, name, src)
+                if example:
+                    out.print("[bold]in a recipe[/]")
+                    out.print(escape(example) + "\n", highlight=False)
+                _print_options(src.options_schema, f"options of {name}")
+                return
+        every = [*reg.model_sources, *reg.data_sources]
+        raise click.BadParameter(f"no source '{name}'{did_you_mean(name, every)} (known: {', '.join(sorted(every))})",
+                                 param_hint="NAME")
+    for label, cat, known in cats:
+        out.print(f"[bold]{label}s[/]")
+        for n in sorted(known):
+            src = known[n]
+            _block(f"  [bold]{escape(n)}[/]  [dim]{escape(reg.plugin_of(cat, n))}[/]", [],
+                   plain(src.description or (type(src).__doc__ or "").strip().splitlines()[0]), indent=4)
+        out.print()
+    out.print("Describe one: accelc sources NAME")
+
+
+def _source_example(label: str, name: str, src: Any) -> str:
+    """A recipe snippet using the source with its required options (placeholders)."""
+    schema = src.options_schema or {}
+    required = [k for k in schema.get("required", []) if k != "source"]
+    samples = {"images": "images/", "tensors": "data.npz", "name": "resnet18", "callable": "my_model:build"}
+    if label == "model source":
+        lines = ["model:", f"  source: {name}"] + [f"  {k}: {samples.get(k, '...')}" for k in required]
+        if name == "python":
+            lines.append("  path: .            # the folder holding my_model.py, relative to the recipe")
+        return "\n".join(lines)
+    lines = ["data:", "  calibration:", f"    source: {name}"]
+    lines += [f"    {k}: {samples.get(k, '...')}" for k in required]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--top-k", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per image."
+)
+@click.option("--device", help="Run on this device (default: the target's, as deploy.json records it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def predict(out_dir: Path, files: tuple[Path, ...], top_k: int, device: str | None, as_json: bool) -> None:
+    """Run a build's artifact (OUT_DIR, as accelc build wrote it) on FILE...
+
+    \b
+    Image recipes: FILE... are images, preprocessed exactly as the build's data
+    (resize, center crop, mean/std from deploy.json), one call each; prints the
+    top-k classes (ImageNet names for a 1000-class output).
+    Other recipes: FILE is a .npy (the first input) or .npz (arrays named after
+    the inputs); prints each output's shape, dtype and first values.
+    """
+    import numpy as np
+
+    from .runtime import load
+
+    pred = load(out_dir, **({"device": device} if device else {}))
+    results: list[dict[str, Any]] = []
+    images = pred.preprocessing is not None and all(f.suffix.lower() not in (".npy", ".npz") for f in files)
+    for f in files:
+        if not f.is_file():
+            raise click.BadParameter(f"{f}: file not found", param_hint="FILE")
+        if images:
+            outs = pred(pred.preprocess([f]))
+            top = pred.top_k(outs[0], k=top_k)[0]
+            results.append({"file": str(f), "top_k": [{"index": i, "label": n, "probability": p} for i, n, p in top]})
+        else:
+            try:
+                loaded = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise click.BadParameter(f"{f}: not a .npy/.npz file: {e}", param_hint="FILE") from e
+            if isinstance(loaded, np.ndarray):
+                feeds = {pred.input_names[0]: loaded}
+            else:
+                feeds = {k: loaded[k] for k in loaded.files if k in pred.input_names}
+            try:
+                outs = pred(**feeds)
+            except TypeError as e:
+                raise click.BadParameter(f"{f}: {e}", param_hint="FILE") from e
+            results.append({
+                "file": str(f),
+                "outputs": [{"shape": list(o.shape), "dtype": str(o.dtype),
+                             "values": np.asarray(o).reshape(-1)[:8].round(6).tolist()} for o in outs],
+            })
+    if as_json:
+        out.print_json(json.dumps(results))
         return
-    t = Table(title=f"options of {name}")
-    for col in ("option", "type", "default", "meaning"):
-        t.add_column(col, overflow="fold")
-    for opt in sorted(props):
-        spec = props[opt]
-        default = json.dumps(spec["default"]) if "default" in spec else "-"
-        t.add_row(opt, escape(_option_type(spec)), escape(default), escape(spec.get("description", "")))
-    out.print(t)
+    for r in results:
+        out.print(f"[bold]{escape(r['file'])}[/]")
+        for t in r.get("top_k", []):
+            name = t["label"] if t["label"] is not None else f"class {t['index']}"
+            out.print(f"  {t['probability']:7.2%}  {escape(name)}  [dim](index {t['index']})[/]")
+        for i, o in enumerate(r.get("outputs", [])):
+            vals = ", ".join(f"{v:.4g}" for v in o["values"])
+            more = ", ..." if len(o["values"]) == 8 else ""
+            out.print(f"  output {i}: shape {o['shape']} {o['dtype']}: {escape(vals)}{more}")
+
+
+@main.command()
+@click.option("--model", "model_ref", required=True,
+              help="torchvision:NAME (e.g. torchvision:resnet18) or python:MODULE:CALLABLE (e.g. "
+              "python:my_model:build, with --path for its folder).")
+@click.option("--path", "model_path", help="Folder holding the python model's module, relative to the recipe "
+              "(default: the recipe's folder, '.').")
+@click.option("--weights", help="state_dict file for the model (relative to the recipe).")
+@click.option("--input-shape", default="1,3,224,224", show_default=True,
+              help="The example input shape, comma-separated; a leading 1 becomes a dynamic batch (1..32).")
+@click.option("--input-name", default="input", show_default=True)
+@click.option("--target", "-t", "target_name", default="cpu", show_default=True, help="See `accelc targets`.")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]),
+              help="Default: int8 on cpu, the target's first precision elsewhere.")
+@click.option("--data", "data_path", required=True,
+              help="Calibration data: an image folder (image-shaped inputs) or a .npy/.npz file; relative to the "
+              "recipe.")
+@click.option("--validation", "validation_path", help="Validation data, as --data (default: --data, other crops).")
+@click.option("--name", help="Recipe name (default: from the model and target).")
+@click.option("--output", "-o", "dest", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.yaml"),
+              show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(model_ref: str, model_path: str | None, weights: str | None, input_shape: str, input_name: str,
+         target_name: str, precision: str | None, data_path: str, validation_path: str | None, name: str | None,
+         dest: Path, force: bool) -> None:
+    """Write a starting recipe from a few flags, checked as accelc validate checks it.
+
+    \b
+    Example:
+      accelc init --model torchvision:resnet18 --weights resnet18.pt --data photos/
+      accelc init --model python:my_model:build --input-shape 1,3,32,32 --data cal.npz
+    The recipe is written only if it validates (paths are checked, relative to it).
+    """
+    import os
+    import tempfile
+
+    import yaml
+
+    from .build import prepare
+    from .errors import RecipeError
+    from .registry import default_registry
+
+    if dest.exists() and not force:
+        raise click.UsageError(f"{dest} exists; pass --force to overwrite it")
+    kind, _, ref = model_ref.partition(":")
+    if kind == "torchvision" and ref:
+        model: dict[str, Any] = {"source": "torchvision", "name": ref}
+    elif kind == "python" and ":" in ref:
+        model = {"source": "python", "callable": ref, "path": model_path or "."}
+    else:
+        raise click.BadParameter("expected torchvision:NAME or python:MODULE:CALLABLE", param_hint="--model")
+    if weights:
+        model["weights"] = {"file": weights}
+    try:
+        shape = [int(v) for v in input_shape.replace("x", ",").split(",") if v.strip()]
+    except ValueError as e:
+        raise click.BadParameter(
+            f"'{input_shape}': expected integers like 1,3,224,224", param_hint="--input-shape"
+        ) from e
+    inp: dict[str, Any] = {"name": input_name, "shape": shape, "dtype": "float32"}
+    if shape and shape[0] == 1:
+        inp["dynamic"] = [{"axis": 0, "name": "batch", "min": 1, "opt": 1, "max": 32}]
+    reg = default_registry()
+    tp = reg.targets.get(target_name)
+    if tp is None:
+        from .sources import did_you_mean
+
+        raise click.BadParameter(f"unknown target '{target_name}'{did_you_mean(target_name, reg.targets)} "
+                                 f"(known: {', '.join(sorted(reg.targets))})", param_hint="--target")
+    precs = list(tp.runtimes.get(tp.default_runtime, {}))
+    precision = precision or ("int8" if "int8" in precs else precs[0])
+    image = len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3]
+
+    def dataset(path: str, seed: int) -> dict[str, Any]:
+        if path.endswith((".npy", ".npz")):
+            return {"tensors": path}
+        crop = shape[2] if image else 224
+        return {"images": path, "preprocess": {"resize": round(crop * 256 / 224), "crop": crop},
+                "crops": {"per_image": 4, "min_scale": 0.25, "seed": seed}}
+
+    doc: dict[str, Any] = {
+        "name": name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ref.split(':')[-1]}_{target_name}_{precision}"),
+        "model": model,
+        "inputs": [inp],
+        "target": target_name,
+        "precision": precision,
+        "data": {"calibration": dataset(data_path, 0), "validation": dataset(validation_path or data_path, 1)},
+        "verify": {"tolerances": {"top1_agreement": 0.95, "cosine": 0.99}},
+        "benchmark": {"batch_sizes": [1, 8], "warmup": 10, "iterations": 50},
+    }
+    header = ("# Written by accelc init; edit freely (accelc sources / accelc passes NAME list every option).\n"
+              "# Check it with: accelc validate " + str(dest) + "\n")
+    text = header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            graph, _ = prepare(tmp)  # validated where it will live: relative paths resolve the same
+        except RecipeError as e:  # name the file the user asked for, not the temporary one
+            raise RecipeError(str(dest), e.issues) from None
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    out.print(f"[green]wrote[/] {escape(str(dest))}: {graph.recipe.name}, {len(graph.nodes)} nodes "
+              f"(target {target_name}, {precision}); next: accelc build {escape(str(dest))}")
 
 
 @main.command()
 def targets() -> None:
-    """List target profiles: device, capabilities and default pipeline per runtime and precision."""
+    """List target profiles: device, capabilities and default pipeline per runtime and precision
+    (* marks the stages verified; options in braces apply when the build verifies with tolerances)."""
     from .registry import default_registry
 
     reg = default_registry()
-    t = Table(title="targets")
-    for col in ("target", "plugin", "device", "needs", "runtime", "precision", "pipeline (verify after *)"):
-        t.add_column(col, overflow="fold")
     for name in sorted(reg.targets):
         tp = reg.targets[name]
+        rows = [("device", f"{tp.device}; needs {', '.join(tp.capabilities) or '-'}")]
         for rt, by_prec in tp.runtimes.items():
             for prec, pl in by_prec.items():
-                steps = " → ".join(s.name + ("*" if s.name in pl.verify_after else "") for s in pl.steps)
-                default = " (default)" if rt == tp.default_runtime else ""
-                t.add_row(
-                    name,
-                    reg.plugin_of("targets", name),
-                    tp.device,
-                    ", ".join(tp.capabilities),
-                    rt + default,
-                    prec,
-                    steps,
+                extra = {x.name: x.options for x in getattr(pl, "when_verified", ())}
+                steps = " → ".join(
+                    s.name
+                    + ("*" if s.name in pl.verify_after else "")
+                    + (" {" + ", ".join(f"{k}: {v}" for k, v in extra[s.name].items()) + "}" if s.name in extra else "")
+                    for s in pl.steps
                 )
-    out.print(t)
+                rows.append((f"{rt} {prec}" + (" (default)" if rt == tp.default_runtime else ""), steps))
+        _block(
+            f"[bold]{escape(name)}[/]  {escape(tp.description)}  [dim]{escape(reg.plugin_of('targets', name))}[/]", rows
+        )
+        out.print()
 
 
 @main.command()
@@ -694,7 +1037,15 @@ def cache_pull(cache_dir: Path | None, cache_url: str | None, remote: bool) -> N
 def env(env_file: Path | None, strict: bool) -> None:
     """Print the environment fingerprint a build records (Python, platform, package versions,
     host) as JSON, and report drift from environment.yml's pins on stderr."""
-    from .environment import drift, find_environment_file, fingerprint, fingerprint_digest, read_pins
+    from .environment import (
+        drift,
+        find_environment_file,
+        fingerprint,
+        fingerprint_digest,
+        normalize_name,
+        pin_roles,
+        read_pins,
+    )
     from .host import Host
 
     fp = fingerprint()
@@ -713,23 +1064,45 @@ def env(env_file: Path | None, strict: bool) -> None:
         rows = drift(read_pins(path))
     except ValueError as e:
         raise AccelcError(str(e)) from e
-    bad = [r for r in rows if r["status"] in ("differs", "missing")]
+    # Runtime pins change what a build produces; test and tool pins (pytest, ruff, moto) do not. A pin
+    # accelc does not declare at all counts as runtime (the environment file says it matters).
+    roles = pin_roles(path)
+    for r in rows:
+        r["role"] = "runtime" if r["source"] == "conda" else roles.get(normalize_name(r["name"]), "runtime")
+    drifting = [r for r in rows if r["status"] in ("differs", "missing")]
+    bad = [r for r in drifting if r["role"] == "runtime"]
+    other = [r for r in drifting if r["role"] != "runtime"]
+    runtime_pins = sum(r["role"] == "runtime" for r in rows)
     doc["environment_file"] = {
         "path": str(path),
         "pins": len(rows),
+        "runtime_pins": runtime_pins,
         "drift": bad,
+        "drift_not_runtime": other,
         "unchecked": [r["name"] for r in rows if r["status"] == "unchecked"],
     }
     out.print_json(json.dumps(doc))
-    if bad:
-        console.print(f"[yellow]{len(bad)} of {len(rows)} pins in {escape(str(path))} drift:[/]")
-        for r in bad:
+
+    def show(items: list[dict[str, Any]]) -> None:
+        for r in items:
             have = r["installed"] or "not installed"
             console.print(f"  {escape(r['name'])}: pinned {escape(r['pinned'])}, installed {escape(have)}")
-        if strict:
-            raise AccelcError(f"the environment drifts from {path} ({len(bad)} pin(s))")
+
+    if bad:
+        console.print(
+            f"[yellow]{len(bad)} of {runtime_pins} pins builds depend on (runtime) in {escape(str(path))} drift:[/]"
+        )
+        show(bad)
     else:
-        console.print(f"[green]no drift[/]: {len(rows)} pins in {escape(str(path))} match")
+        console.print(f"[green]no drift[/] in the runtime pins: {runtime_pins} in {escape(str(path))} match")
+    if other:
+        groups = ", ".join(sorted({r["role"] for r in other}))
+        console.print(
+            f"[dim]{len(other)} test/tool-only pins ({escape(groups)}) differ; builds do not depend on them:[/]"
+        )
+        show(other)
+    if bad and strict:
+        raise AccelcError(f"the environment drifts from {path} ({len(bad)} runtime pin(s))")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -161,3 +161,43 @@ def drift(pins: list[Pin]) -> list[dict[str, Any]]:
             {"name": pin.name, "pinned": pin.version, "installed": installed, "source": pin.source, "status": status}
         )
     return rows
+
+
+def pin_roles(env_file: Path | None = None) -> dict[str, str]:
+    """``{normalised name: role}`` of accelc's requirements: ``runtime`` for ``[project.dependencies]``,
+    the extra's name (``test``, ``cluster``, ``gpu``) for an optional-dependency group, the first
+    group listing it winning (runtime before the extras).
+
+    Read from the ``pyproject.toml`` next to ``env_file`` when there is one (a checkout), else from
+    the installed distribution's metadata (``Requires-Dist`` and its ``extra ==`` markers)."""
+    import tomllib
+    from importlib import metadata
+
+    roles: dict[str, str] = {}
+
+    def add(req: str, role: str) -> None:
+        m = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+        if m:
+            roles.setdefault(normalize_name(m.group(1)), role)
+
+    pyproject = Path(env_file).parent / "pyproject.toml" if env_file else None
+    if pyproject is not None and pyproject.is_file():
+        try:
+            project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            project = {}
+        for req in project.get("dependencies", []):
+            add(req, "runtime")
+        for extra, reqs in project.get("optional-dependencies", {}).items():
+            for req in reqs:
+                add(req, extra)
+        if roles:
+            return roles
+    try:
+        reqs = metadata.requires("accelc") or []
+    except metadata.PackageNotFoundError:
+        return roles
+    for req in sorted(reqs, key=lambda r: "extra ==" in r):
+        m = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        add(req, m.group(1) if m else "runtime")
+    return roles

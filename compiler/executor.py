@@ -25,6 +25,7 @@ a plugin that writes the wrong thing is named before anything downstream trusts 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -66,8 +67,23 @@ class Reporter(Protocol):
 
     def stage_started(self, node_id: str, pass_name: str) -> None: ...
     def stage_progress(self, node_id: str, message: str) -> None: ...
+    # optional: ``stage_count(node_id, message, done, total)`` for counted steps (see report_progress)
     def stage_finished(self, node_id: str, cached: bool, seconds: float, metrics: dict[str, Any]) -> None: ...
     def notice(self, message: str) -> None: ...
+
+
+def report_progress(
+    reporter: Any, node_id: str, message: str, done: int | None = None, total: int | None = None
+) -> None:
+    """Pass ``ctx.progress(message, done, total)`` on to ``reporter``: counted steps (sensitivity units,
+    trials, calibration batches, timed runs) to its ``stage_count`` when it has one (the CLI draws a
+    progress bar with an ETA), else as ``"message done/total"`` to ``stage_progress``."""
+    if done is None or total is None:
+        reporter.stage_progress(node_id, message)
+    elif hasattr(reporter, "stage_count"):
+        reporter.stage_count(node_id, message, done, total)
+    else:
+        reporter.stage_progress(node_id, f"{message} {done}/{total}")
 
 
 class SilentReporter:
@@ -202,9 +218,8 @@ class Executor:
             elif self.store.lookup(key) is not None:
                 out.append(PlannedNode(node.id, node.pass_name, key, material, "cached"))
             else:
-                out.append(
-                    PlannedNode(node.id, node.pass_name, key, material, "run", _why(material, prev.get(node.id)))
-                )
+                why = _why(material, prev.get(node.id), node, self.graph.recipe)
+                out.append(PlannedNode(node.id, node.pass_name, key, material, "run", why))
         return out
 
     # -- execution ----------------------------------------------------------------------------
@@ -354,7 +369,7 @@ class Executor:
             runners=self.runners,
             sources=self.registry,
             node=node.id,
-            progress=lambda msg: self.reporter.stage_progress(node.id, msg),
+            progress=functools.partial(report_progress, self.reporter, node.id),
             scratch=scratch,
             user_code_timeout=self.user_code_timeout,
         )
@@ -424,8 +439,9 @@ def pass_code_digest(cls: type) -> str | None:
     return hashlib.sha256(f"{closure.digest()}\0accelc {package_version('accelc')}".encode()).hexdigest()
 
 
-def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
-    """Why a node must run: what changed since the previous build's lock file, if known."""
+def _why(material: dict[str, Any], previous: dict[str, Any] | None, node: Any = None, recipe: Any = None) -> str:
+    """Why a node must run: what changed since the previous build's lock file, if known; changed
+    options are named as the recipe writes them (:mod:`accelc.explain`) when ``node`` is given."""
     if previous is None or "material" not in previous:
         return "not in cache"
     old = previous["material"]
@@ -439,7 +455,13 @@ def _why(material: dict[str, Any], previous: dict[str, Any] | None) -> str:
             for k in set(a.get("options", a)) | set(b.get("options", b))
             if a.get("options", a).get(k) != b.get("options", b).get(k)
         )
-        parts.append(f"options changed: {', '.join(keys) or 'source'}")
+        if node is not None:
+            from .explain import changed_fields
+
+            fields = changed_fields(node, a, b, recipe)
+            parts.append(f"changed in the recipe: {', '.join(fields) or 'the source'}")
+        else:
+            parts.append(f"options changed: {', '.join(keys) or 'source'}")
     if "version" in changed:
         parts.append("pass version changed")
     elif "code" in changed:

@@ -114,6 +114,8 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
     tolerances = dict(verify_cfg.get("tolerances", {}))
     stage_tol = verify_cfg.get("stages", {})
     stage_tolerances = {s: {**tolerances, **stage_tol.get(s, {})} for s in verify_after}
+    if recipe.passes is None and verify_after and stage_tolerances[verify_after[-1]]:
+        steps = pipeline.steps_for(verified=True)  # the target's accuracy-aware options (Pipeline.when_verified)
 
     def full_options(pass_name: str, options: dict[str, Any]) -> dict[str, Any]:
         p = registry.passes.get(pass_name)

@@ -148,7 +148,8 @@ class PassContext:
     sources: Any
     node: str
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("accelc.pass"))
-    progress: Callable[[str], None] = lambda _msg: None
+    #: ``progress(message)``, or ``progress(message, done, total)`` for counted steps (a progress bar)
+    progress: Callable[..., None] = lambda *_a, **_k: None
     scratch: Path | None = None
     user_code_timeout: float | None = None
 

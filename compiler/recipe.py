@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from .errors import MAX_ECHO, RecipeError, SchemaIssue, cut
 from .signature import InputSignature
+from .sources import did_you_mean
 from .targets import PassStep
 
 #: Recipes are small; anything larger is refused before parsing.
@@ -91,8 +93,19 @@ def json_path(parts: Any) -> str:
 def _issue(err: ValidationError, prefix: str = "") -> SchemaIssue:
     if err.context:  # oneOf/anyOf: the sub-error that went deepest says most
         err = best_match(err.context)
-    where = json_path(list(err.absolute_path))
+    path = list(err.absolute_path)
     message = err.message
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(err.schema.get("properties", {}))
+        patterns = list(err.schema.get("patternProperties", {}))
+        extra = [k for k in err.instance if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
+        if len(extra) == 1:  # name the key itself: data.calibration.file, not data.calibration
+            path.append(extra[0])
+        unknown = "; ".join(f"unknown key '{k}'{did_you_mean(str(k), allowed)}" for k in extra)
+        message = f"{unknown} (allowed here: {', '.join(allowed) or 'none'})"
+    elif err.validator == "enum" and isinstance(err.instance, str):
+        message += did_you_mean(err.instance, [str(v) for v in err.validator_value])
+    where = json_path(path)
     shown = repr(err.instance)
     if len(shown) > MAX_ECHO and shown in message:  # jsonschema repeats the whole offending value
         message = message.replace(shown, cut(shown))
@@ -288,6 +301,14 @@ def _package_resource_issues(model: dict[str, Any]) -> list[SchemaIssue]:
     return []
 
 
+def _source_issues(source: Any, options: dict[str, Any], prefix: str) -> list[SchemaIssue]:
+    """A source's :meth:`check` findings, each at its full JSON path (``data.calibration.images``)."""
+    check = getattr(source, "check", None)
+    if check is None:
+        return []
+    return [SchemaIssue(f"{prefix}.{key}", message) for key, message in check(options)]
+
+
 def data_source_name(spec: dict[str, Any]) -> str:
     """The data source a dataset entry uses: explicit ``source``, else ``images``/``tensors`` by key."""
     if "source" in spec:
@@ -323,7 +344,8 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         issues.append(
             SchemaIssue(
                 "model.source",
-                f"unknown model source '{cut(raw['model']['source'])}' "
+                f"unknown model source '{cut(raw['model']['source'])}'"
+                f"{did_you_mean(raw['model']['source'], registry.model_sources)} "
                 f"(known: {', '.join(sorted(registry.model_sources))})",
             )
         )
@@ -337,7 +359,12 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
         src = registry.data_sources.get(name)
         if src is None:
             known = ", ".join(sorted(registry.data_sources))
-            issues.append(SchemaIssue(f"data.{role}.source", f"unknown data source '{cut(name)}' (known: {known})"))
+            issues.append(
+                SchemaIssue(
+                    f"data.{role}.source",
+                    f"unknown data source '{cut(name)}'{did_you_mean(name, registry.data_sources)} (known: {known})",
+                )
+            )
             continue
         issues += schema_issues(src.options_schema, spec, f"data.{role}")
         data[role] = {"source": name, **spec}
@@ -346,14 +373,16 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if target_name not in registry.targets:
         field_name = "--target" if target_override else "target"
         known = ", ".join(sorted(registry.targets))
-        issues.append(SchemaIssue(field_name, f"unknown target '{cut(target_name)}' (known: {known})"))
+        hint = did_you_mean(target_name, registry.targets)
+        issues.append(SchemaIssue(field_name, f"unknown target '{cut(target_name)}'{hint} (known: {known})"))
 
     steps = normalize_passes(raw["passes"]) if "passes" in raw else None
     for i, step in enumerate(steps or []):
         p = registry.passes.get(step.name)
         if p is None:
             known = ", ".join(sorted(registry.passes))
-            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{cut(step.name)}' (known: {known})"))
+            hint = did_you_mean(step.name, registry.passes)
+            issues.append(SchemaIssue(f"passes[{i}]", f"unknown pass '{cut(step.name)}'{hint} (known: {known})"))
             continue
         issues += schema_issues(p.options_schema, step.options, f"passes[{i}].{step.name}")
 
@@ -373,16 +402,39 @@ def load_recipe(path: str | Path, registry: Any, target_override: str | None = N
     if len(set(names)) != len(names):
         issues.append(SchemaIssue("inputs", f"input names must be unique, got {names}"))
 
-    if issues:
-        raise RecipeError(where, issues)
+    # Paths are resolved and checked for every source whose options are valid, even when other
+    # parts of the recipe have problems, so one validate round reports them all.
+    def clean(prefix: str) -> bool:
+        return not any(i.where == prefix or i.where.startswith((f"{prefix}.", f"{prefix}[")) for i in issues)
 
-    model = _resolve_paths(
-        apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base, "model", issues
-    )
+    model = raw["model"]
+    model_ok = model_src is not None and clean("model")
+    if model_ok:
+        model = _resolve_paths(
+            apply_defaults(model_src.options_schema, raw["model"]), model_src.path_options, base, "model", issues
+        )
+    data_ok = {role: clean(f"data.{role}") for role in data}
     for role, spec in data.items():
-        src = registry.data_sources[spec["source"]]
-        data[role] = _resolve_paths(
-            apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+        if data_ok[role]:
+            src = registry.data_sources[spec["source"]]
+            data[role] = _resolve_paths(
+                apply_defaults(src.options_schema, spec), src.path_options, base, f"data.{role}", issues
+            )
+    # what can be checked without running the user's code: files, folders, modules, model names
+    if model_ok and clean("model"):
+        issues += _source_issues(model_src, model, "model")
+    for role, spec in data.items():
+        if data_ok[role] and clean(f"data.{role}"):
+            issues += _source_issues(registry.data_sources[spec["source"]], spec, f"data.{role}")
+    rt = raw.get("runtime")
+    tp = registry.targets.get(target_name)
+    if rt is not None and tp is not None and rt not in tp.runtimes:
+        issues.append(
+            SchemaIssue(
+                "runtime",
+                f"target '{target_name}' has no runtime '{rt}'{did_you_mean(rt, tp.runtimes)} "
+                f"(its runtimes: {', '.join(tp.runtimes)})",
+            )
         )
     if issues:
         raise RecipeError(where, issues)

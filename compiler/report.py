@@ -159,29 +159,117 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """A human-readable report: summary, per-stage table, verification and benchmark tables."""
-    lines = [
-        f"# accelc build report: {report['recipe']['name']}",
-        "",
-        f"- status: **{report['status']}**",
-        f"- target: `{report['target']}` (runtime `{report['runtime']}`, precision `{report['precision']}`)",
-        f"- final artifact: `{report['final_artifact']}`"
-        + (f" (sha256 `{report['final_digest'][:16]}`)" if report["final_digest"] else ""),
-        f"- host: {report['host'].get('cpu')} ({report['host'].get('cpu_count')} CPUs)",
-    ]
+def _final_bench(report: dict[str, Any]) -> dict[str, Any] | None:
+    bench = [s for s in report["stages"] if s["pass"] == "benchmark" and s["metrics"]]
+    return bench[-1]["metrics"] if bench else None
+
+
+def speedups(report: dict[str, Any]) -> dict[str, Any]:
+    """Batch-1 p50 of the artifact and its speed-ups, where measured: ``{"p50_ms", "source_ms",
+    "over_source", "float_ms", "over_float", "float_from"}``. The benchmark's baselines (timed after
+    the artifact in the same pass) come first; else the accuracy search's side-by-side latencies."""
+    out: dict[str, Any] = {}
+    m = _final_bench(report)
+    b1 = ((m or {}).get("batch") or {}).get("1")
+    if b1:
+        out["p50_ms"] = b1["p50_ms"]
+        for name, key in (("source", "source_ms"), ("float", "float_ms")):
+            base = (m.get("baselines") or {}).get(name) or {}
+            if base.get("p50_ms"):
+                out[key] = base["p50_ms"]
+                out[f"over_{name}"] = base["p50_ms"] / b1["p50_ms"]
+        if "float_ms" in out:
+            out["float_from"] = "benchmark"
+    if "float_ms" not in out:
+        from .plots import search_stage
+
+        st = search_stage(report)
+        lat = (st or {}).get("metrics", {}).get("latency") or {}
+        kept = lat.get("kept_ms")
+        if lat.get("fp32_ms") and kept:
+            out.update(float_ms=lat["fp32_ms"], over_float=lat["fp32_ms"] / kept, float_from=st["node"],
+                       search_kept_ms=kept)
+    return out
+
+
+def _times(ratio: float) -> str:
+    """``2.31`` -> ``**2.31x faster**``; ``0.5`` -> ``**2.00x slower**``."""
+    return f"**{ratio:.2f}x faster**" if ratio >= 1 else f"**{1 / ratio:.2f}x slower**"
+
+
+def _warnings(report: dict[str, Any]) -> list[str]:
+    w: list[str] = []
     if report["error"]:
-        lines += ["", f"> **{report['error']['type']}**: {report['error']['message']}"]
-    lines += ["", "## Stages", "", "| # | stage | pass | status | cached | seconds | kind | key |",
-              "|---|---|---|---|---|---|---|---|"]
-    for i, s in enumerate(report["stages"], 1):
-        lines.append(
-            f"| {i} | `{s['node']}` | {s['pass']} | {s['status']} | {'yes' if s['cached'] else 'no'} | "
-            f"{s['seconds']:.2f} | {s['artifact']['kind']} | `{s['artifact']['key'][:12]}` |"
-        )
+        w.append(f"**build failed**: {report['error']['type']}: {report['error']['message']}")
+    for s in report["stages"]:
+        if s["status"] not in ("ok",):
+            w.append(f"stage `{s['node']}` {s['status']}" + (f": {s['error']}" if s.get("error") else ""))
+        m = s.get("metrics") or {}
+        if s["pass"] == "quantize" and m.get("fp32_nodes"):
+            w.append(f"{len(m['fp32_nodes'])} node(s) kept in float to hold the tolerances: {_names(m['fp32_nodes'])}")
+    m = _final_bench(report) or {}
+    for bs, b in (m.get("batch") or {}).items():
+        if b.get("p50_ms") and b["p99_ms"] > 3 * b["p50_ms"]:
+            w.append(f"batch {bs}: p99 {b['p99_ms']:.3g} ms is {b['p99_ms'] / b['p50_ms']:.1f}x p50 "
+                     "(a noisy host: other processes, CPU frequency); see the latency distribution")
+    for name, base in (m.get("baselines") or {}).items():
+        if base.get("error"):
+            w.append(f"baseline `{name}` could not be timed: {base['error']}")
+    if m.get("skipped_batch_sizes"):
+        w.append(f"batch sizes outside the input's dynamic range were not benchmarked: {m['skipped_batch_sizes']}")
+    return w
+
+
+def summary_markdown(report: dict[str, Any]) -> list[str]:
+    """The lines a person reads first: what was built, how much faster, whether accuracy held, warnings."""
+    prec = {"int8": "INT8", "fp16": "FP16", "fp32": "FP32"}.get(report["precision"], report["precision"])
+    what = (f"{prec} `{report['final_artifact']}` ({report['final_kind']})" if report["final_artifact"]
+            else f"{prec}, nothing deployed")
+    lines = [f"**{'Built' if report['status'] == 'ok' else 'Failed'}**: {what} for target `{report['target']}` "
+             f"on `{report['runtime']}`."]
+    sp = speedups(report)
+    if "p50_ms" in sp:
+        parts = [f"**Speed** (batch 1, p50): {sp['p50_ms']:.3g} ms"]
+        if "over_source" in sp:
+            parts.append(f"{_times(sp['over_source'])} than the source model in eager PyTorch "
+                         f"({sp['source_ms']:.3g} ms)")
+        if "over_float" in sp and sp.get("float_from") == "benchmark":
+            parts.append(f"{_times(sp['over_float'])} than FP32 ONNX ({sp['float_ms']:.3g} ms)")
+        lines.append("; ".join(parts) + ".")
+    if "over_float" in sp and sp.get("float_from") != "benchmark":
+        lines.append(f"**Against FP32 ONNX**: {_times(sp['over_float'])} ({sp['float_ms']:.3g} ms -> "
+                     f"{sp['search_kept_ms']:.3g} ms, measured side by side by `{sp['float_from']}`).")
+    if "p50_ms" not in sp and "over_float" not in sp:
+        lines.append("**Speed**: not measured (no benchmark stage ran).")
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
     if ver:
-        lines += ["", "## Verification against the source model", "",
+        last = ver[-1]
+        m = last["metrics"]
+        held = "held" if last["status"] == "ok" else "**not held**"
+        acc = [f"top-1 agreement {_fmt(m['top1_agreement'])}" if m.get("top1_agreement") is not None else None,
+               f"cosine {_fmt(m.get('cosine'))}" if m.get("cosine") is not None else None,
+               f"task accuracy {_fmt(m['accuracy'])}" if m.get("accuracy") is not None else None]
+        lines.append(f"**Accuracy {held}** at `{last['node']}`: " + ", ".join(a for a in acc if a)
+                     + f" against the source model on {m.get('samples')} validation samples.")
+    else:
+        lines.append("**Accuracy**: not verified (add data.validation to the recipe).")
+    warns = _warnings(report)
+    lines.append("**Warnings**: " + ("none." if not warns else ""))
+    lines = [f"- {line}" for line in lines]
+    lines += [f"  - {w}" for w in warns]
+    return lines
+
+
+def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    """A human-readable report: a summary read in 30 seconds, then accuracy (verification, trials,
+    sensitivity) and speed (benchmark), with the plots in ``plots`` (``{name: file in the out dir}``)
+    embedded, then the stage/cache table and the build's details."""
+    plots = plots or {}
+    lines = [f"# accelc build report: {report['recipe']['name']}", "", "## Summary", "", *summary_markdown(report)]
+    lines += ["", "## Accuracy"]
+    ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
+    if ver:
+        lines += ["", "Verification against the source model:", "",
                   "| stage | samples | top-1 agreement | cosine (mean) | cosine (min) | max abs error | "
                   "mean abs error | status |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -199,25 +287,76 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f"{_fmt(m['neighbor_recall'])}")
             if m.get("degenerate_reference"):
                 lines.append(f"\n**`{s['node']}`: the reference is degenerate**: {m['degenerate_reference']}")
+    else:
+        lines += ["", "No stage was verified."]
+    if "accuracy_latency" in plots:
+        lines += ["", f"![accuracy against latency over the trials, the kept one starred]({plots['accuracy_latency']})"]
     for s in report["stages"]:
         lines += _trials_markdown(s)
+    if "sensitivity" in plots:
+        lines += ["", f"![sensitivity ranking]({plots['sensitivity']})"]
+    lines += ["", "## Speed"]
     bench = [s for s in report["stages"] if s["pass"] == "benchmark" and s["metrics"]]
+    if not bench:
+        lines += ["", "Not benchmarked."]
     for s in bench:
         m = s["metrics"]
-        lines += ["", f"## Benchmark (`{m.get('artifact_kind')}`, {m.get('threads')} threads, {m.get('device')}, "
+        lines += ["", f"Benchmark (`{m.get('artifact_kind')}`, {m.get('threads')} threads, {m.get('device')}, "
                   f"{m.get('warmup')} warm-up + {m.get('iterations')} timed runs"
-                  f"{', cached' if s['cached'] else ''})", "",
+                  f"{', cached' if s['cached'] else ''}):", "",
                   "| batch | p50 ms | p95 ms | p99 ms | throughput (samples/s) |", "|---|---|---|---|---|"]
         for bs, b in m.get("batch", {}).items():
             lines.append(
                 f"| {bs} | {b['p50_ms']:.3f} | {b['p95_ms']:.3f} | {b['p99_ms']:.3f} | {b['throughput']:.1f} |"
             )
+        base = {k: v for k, v in (m.get("baselines") or {}).items() if v.get("p50_ms")}
+        if base:
+            lines += ["", "Baselines, timed after the artifact in the same pass (batch 1):", "",
+                      "| model | kind | p50 ms | p99 ms | artifact speed-up |", "|---|---|---|---|---|"]
+            b1 = (m.get("batch") or {}).get("1", {})
+            for name, v in base.items():
+                label = {"source": "source model (eager PyTorch)", "float": "FP32 ONNX"}.get(name, name)
+                up = f"{v['p50_ms'] / b1['p50_ms']:.2f}x" if b1.get("p50_ms") else "-"
+                lines.append(f"| {label} | {v['kind']} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {up} |")
+    if "latency_batch1" in plots:
+        lines += ["", f"![batch-1 latency distribution]({plots['latency_batch1']})"]
+    lines += ["", "## Stages", "", "| # | stage | pass | status | cached | seconds | kind | key |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, s in enumerate(report["stages"], 1):
+        lines.append(
+            f"| {i} | `{s['node']}` | {s['pass']} | {s['status']} | {'yes' if s['cached'] else 'no'} | "
+            f"{s['seconds']:.2f} | {s['artifact']['kind']} | `{s['artifact']['key'][:12]}` |"
+        )
+    lines += [
+        "",
+        "## Build",
+        "",
+        f"- status: **{report['status']}**",
+        f"- target: `{report['target']}` (runtime `{report['runtime']}`, precision `{report['precision']}`)",
+        f"- final artifact: `{report['final_artifact']}`"
+        + (f" (sha256 `{report['final_digest'][:16]}`)" if report["final_digest"] else ""),
+        f"- host: {report['host'].get('cpu')} ({report['host'].get('cpu_count')} CPUs)",
+    ]
+    if report["error"]:
+        lines += ["", f"> **{report['error']['type']}**: {report['error']['message']}"]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: Path, report: dict[str, Any], lock: dict[str, Any]) -> None:
+def write_outputs(
+    out_dir: Path, report: dict[str, Any], lock: dict[str, Any], deploy: dict[str, Any] | None = None
+) -> None:
+    """Write ``report.json``, the plots, ``report.md``, ``deploy.json`` (removed when ``deploy`` is
+    ``None``: nothing was deployed) and, last, the lock file, each atomically."""
+    from .deploy import DEPLOY_NAME
+    from .plots import write_plots
+
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str))
-    write_atomic(out_dir / "report.md", render_markdown(report))
+    plots = write_plots(out_dir, report)
+    write_atomic(out_dir / "report.md", render_markdown(report, plots))
+    if deploy is not None:
+        write_atomic(out_dir / DEPLOY_NAME, json.dumps(deploy, indent=2, default=str))
+    else:
+        (out_dir / DEPLOY_NAME).unlink(missing_ok=True)
     write_atomic(out_dir / LOCK_NAME, json.dumps(lock, indent=2, sort_keys=True, default=str))
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,7 +65,12 @@ class Runtime:
             (OpenVINO: ``{"quantize": {"float_node_inputs": "float"}}``); lowering applies them.
         config_file: a file name that marks a build's out dir as this runtime's to load
             (``runtime.json``); :func:`accelc.runtime.load` picks the runtime by it.
-        load: ``load(out_dir, **options)`` -> the loaded, callable runtime (a predictor).
+        load: ``load(out_dir, **options)`` -> the loaded, callable runtime (a predictor) for an
+            out dir that holds :attr:`config_file` but no ``deploy.json`` (older GPU builds).
+        predictor: ``predictor(out_dir, deploy, device=..., threads=...)`` -> :class:`Runner` over the
+            deployed artifact of a build's out dir (``deploy``: its ``deploy.json``, a dict);
+            :func:`accelc.runtime.load` wraps it in :class:`accelc.runtime.Predictor`. Make one
+            from a runner factory with :func:`runner_predictor`.
     """
 
     name: str
@@ -75,6 +81,22 @@ class Runtime:
     pass_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_file: str = ""
     load: Callable[..., Any] | None = None
+    predictor: Callable[..., Runner] | None = None
+
+
+def runner_predictor(factory: RunnerFactoryFn) -> Callable[..., Runner]:
+    """A :attr:`Runtime.predictor` from a runner factory: the out dir's deployed files opened as the
+    :class:`Artifact` the build verified (kind, primary file and pass metadata from ``deploy.json``),
+    run by ``factory(artifact, device=..., threads=...)``."""
+
+    def predictor(
+        out_dir: Path, deploy: dict[str, Any], device: str | None = None, threads: int | None = None
+    ) -> Runner:
+        meta = deploy.get("meta") or {}
+        art = Artifact(deploy["kind"], Path(out_dir), deploy["artifact"], deploy.get("digest") or "", meta)
+        return factory(art, device=device or deploy.get("device", "cpu"), threads=threads)
+
+    return predictor
 
 
 #: The runtime trials fall back to when the recipe's runtime has no session factory.

@@ -22,18 +22,37 @@ class PassStep:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Ordered steps, and the step names after which ``verify`` runs by default."""
+    """Ordered steps, and the step names after which ``verify`` runs by default.
+
+    ``when_verified`` holds ``{pass name: options}`` added to the steps only when the build verifies
+    with tolerances (the recipe has ``data.validation``, verification on and tolerances set): the
+    accuracy-aware searches need the validation set and a tolerance to aim for, and a build without
+    them gets the plain steps instead of an error."""
 
     steps: tuple[PassStep, ...]
     verify_after: tuple[str, ...] = ()
+    when_verified: tuple[PassStep, ...] = ()
 
     @classmethod
-    def of(cls, *steps: str | tuple[str, dict[str, Any]], verify_after: tuple[str, ...] = ()) -> Pipeline:
+    def of(
+        cls,
+        *steps: str | tuple[str, dict[str, Any]],
+        verify_after: tuple[str, ...] = (),
+        when_verified: dict[str, dict[str, Any]] | None = None,
+    ) -> Pipeline:
         """Shorthand: ``Pipeline.of("export_onnx", ("quantize", {"per_channel": True}))``."""
         out = []
         for s in steps:
             out.append(PassStep(s) if isinstance(s, str) else PassStep(s[0], dict(s[1])))
-        return cls(tuple(out), verify_after)
+        extra = tuple(PassStep(k, dict(v)) for k, v in (when_verified or {}).items())
+        return cls(tuple(out), verify_after, extra)
+
+    def steps_for(self, verified: bool) -> list[PassStep]:
+        """The steps, with :attr:`when_verified`'s options merged in (under each step's own) if ``verified``."""
+        if not verified or not self.when_verified:
+            return list(self.steps)
+        extra = {s.name: s.options for s in self.when_verified}
+        return [PassStep(s.name, {**extra.get(s.name, {}), **s.options}) for s in self.steps]
 
 
 @dataclass(frozen=True)

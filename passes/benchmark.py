@@ -37,8 +37,14 @@ class Benchmark(Pass):
     """
 
     name = "benchmark"
-    version = "1"
-    inputs = (Slot("artifact", runnable=True, runs=True),)
+    version = "2"
+    inputs = (
+        Slot("artifact", runnable=True, runs=True),
+        # baselines timed at batch 1 after the artifact: the source model (eager PyTorch, the first
+        # torch.module: load_model's) and the float ONNX graph (the last onnx before the artifact)
+        Slot("source", ("torch.module",), source=True, optional=True),
+        Slot("float", ("onnx",), optional=True),
+    )
     produces = "benchmark.report"
     final = False
     env_packages = ("onnxruntime", "torch", "numpy")
@@ -56,12 +62,27 @@ class Benchmark(Pass):
                 "items": {"type": "integer", "minimum": 1},
                 "description": "Also time these sizes of a dynamic axis named 'sequence' at every batch size.",
             },
+            "baselines": {
+                "type": "array",
+                "items": {"enum": ["source", "float"]},
+                "uniqueItems": True,
+                "description": "Also time these at batch 1, after the artifact, for the report's speed-ups: "
+                "'source' (the source model in eager PyTorch), 'float' (the FP32 ONNX graph before "
+                "quantization). Unset: those the pipeline has, on a CPU device; none on CUDA.",
+            },
         },
     }
 
     def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
         """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings."""
         return {**recipe.benchmark, **options}
+
+    def uses_inputs(self, options: dict[str, Any]) -> set[str] | None:
+        """``baselines`` set: exactly those slots (required). Unset: whatever the pipeline has (``None``),
+        timed on a CPU device only (on a GPU the float graph would run on another runtime)."""
+        if options.get("baselines") is None:
+            return None
+        return {"artifact", *options["baselines"]}
 
     def key_extras(self, options: dict[str, Any], host: Any) -> dict[str, Any]:
         return {"cpu": host.cpu_model, "cpus": host.cpu_count}
@@ -86,16 +107,15 @@ class Benchmark(Pass):
                 ctx.progress(f"{what}: warm-up")
                 for _ in range(options["warmup"]):
                     runner.run(feeds)
-                times = []
                 ctx.progress(f"{what}: {options['iterations']} timed runs")
-                for _ in range(options["iterations"]):
-                    t0 = time.perf_counter()
-                    runner.run(feeds)
-                    times.append(time.perf_counter() - t0)
+                times = _timed(runner, feeds, options["iterations"], ctx, what)
                 if seq is None:
-                    per_batch[str(bs)] = latency_stats(times, bs)
+                    latencies = [round(t * 1e3, 4) for t in times]
+                    per_batch[str(bs)] = {**latency_stats(times, bs), "latencies_ms": latencies}
                 else:
                     per_shape[f"{bs}x{seq}"] = {"batch": bs, "sequence": seq, **latency_stats(times, bs)}
+        del runner  # its threads must not compete with the baselines'
+        baselines = self._baselines(ctx, inputs, options, threads, lo, rng)
         metrics = {
             "threads": threads,
             "device": options["device"],
@@ -105,10 +125,56 @@ class Benchmark(Pass):
             "skipped_batch_sizes": skipped,
             **({"sequence": _sequence(ctx.signature), "batch_sequence": per_shape} if _sequence(ctx.signature) else {}),
             "artifact_kind": inputs["artifact"].kind,
+            **({"baselines": baselines} if baselines else {}),
         }
         (ctx.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return PassResult("metrics.json", metrics=metrics)
 
+    def _baselines(
+        self,
+        ctx: PassContext,
+        inputs: dict[str, Artifact],
+        options: dict[str, Any],
+        threads: int,
+        batch: int,
+        rng: np.random.Generator,
+    ) -> dict[str, Any]:
+        """``{"source" | "float": latency stats at the smallest batch}`` for the wired baselines, each
+        after its own warm-up; a baseline that cannot run is recorded with its ``error``."""
+        if batch != 1 and ctx.signature.inputs[0].batch_dim() is None:
+            return {}
+        feeds = _feeds(ctx.signature, batch, None, rng)
+        out: dict[str, Any] = {}
+        wanted = options.get("baselines")
+        if wanted is None:
+            wanted = ["source", "float"] if options["device"] == "cpu" else []
+        for name in ("source", "float"):
+            art = inputs.get(name) if name in wanted else None
+            if art is None or art.digest == inputs["artifact"].digest:
+                continue
+            ctx.progress(f"baseline {name}: {options['iterations']} timed runs")
+            try:
+                runner = ctx.runners.make(art, device=options["device"], threads=threads)
+                for _ in range(options["warmup"]):
+                    runner.run(feeds)
+                times = _timed(runner, feeds, options["iterations"], ctx, f"baseline {name}")
+                del runner
+            except Exception as e:  # a baseline is informative only; the build goes on
+                out[name] = {"kind": art.kind, "error": f"{type(e).__name__}: {e}"}
+                continue
+            out[name] = {"kind": art.kind, "batch": batch, **latency_stats(times, batch)}
+        return out
+
+
+def _timed(runner: Any, feeds: dict[str, np.ndarray], iterations: int, ctx: PassContext, what: str) -> list[float]:
+    """Per-iteration wall times in seconds (``time.perf_counter`` around each call)."""
+    times = []
+    for i in range(iterations):
+        t0 = time.perf_counter()
+        runner.run(feeds)
+        times.append(time.perf_counter() - t0)
+        ctx.progress(what, i + 1, iterations)
+    return times
 
 def _sequence(signature: Any) -> int | None:
     """The example size of the first input's axis named ``sequence`` (``None`` without one)."""

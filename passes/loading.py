@@ -67,7 +67,17 @@ class LoadData(Pass):
     options_schema = {
         "type": "object",
         "required": ["role", "spec"],
-        "properties": {"role": {"enum": ["calibration", "validation"]}, "spec": {"type": "object"}},
+        "properties": {
+            "role": {
+                "enum": ["calibration", "validation"],
+                "description": "Which dataset: the recipe's data.calibration or data.validation (set by lowering).",
+            },
+            "spec": {
+                "type": "object",
+                "description": "That dataset's entry, as the recipe writes it (set by lowering); its options are "
+                "the data source's: see `accelc sources images` / `accelc sources tensors`.",
+            },
+        },
     }
 
     def output_kind(self, options: dict[str, Any]) -> str:

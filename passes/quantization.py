@@ -245,7 +245,14 @@ class Calibrate(Pass):
                 )
                 # the histogram calibrators print progress to stdout, which would tear the progress display
                 with contextlib.redirect_stdout(io.StringIO()):
-                    cal.collect_data(_Reader(data, ctx.signature.names, batch))
+                    cal.collect_data(
+                        _Reader(
+                            data,
+                            ctx.signature.names,
+                            batch,
+                            lambda i, n: ctx.progress(f"calibrating ({method}): batches", i, n),
+                        )
+                    )
                     return cal.compute_data()
             except Exception as e:
                 raise PassError(f"calibrate ({method}): {type(e).__name__}: {e}") from e
@@ -268,7 +275,8 @@ class Calibrate(Pass):
         tensors = 0
         with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-", dir=ctx.scratch) as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
-            for method in options["candidates"]:
+            for i, method in enumerate(options["candidates"]):
+                ctx.progress("calibration trials (one per method)", i, len(options["candidates"]))
                 ranges = self._collect(ctx, inputs["model"].file, data, method, options)
                 tensors = len(ranges.data)
                 table = tables / f"{method}.json"
@@ -286,6 +294,7 @@ class Calibrate(Pass):
                 rec.update(_trial_record(evaluator.metrics(q), tolerances))
                 trials.append(rec)
                 models[method] = q
+                ctx.progress("calibration trials (one per method)", i + 1, len(options["candidates"]))
             ctx.progress("latency of the trials, side by side")
             lat = p50_latency_ms(
                 models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20),
@@ -506,7 +515,9 @@ class Quantize(Pass):
                 def trial(k: int) -> dict[str, Any]:
                     fp32 = [r["node"] for r in ranking[:k]]
                     excl = user_excl + [n for r in ranking[:k] for n in r["nodes"]]
-                    ctx.progress(f"fallback trial: {k} node(s) in float")
+                    ctx.progress(
+                        f"fallback trial {len(trials)} ({k} node(s) in float, at most {options['max_fp32_nodes']})"
+                    )
                     path = quantize_model(
                         model_path,
                         table,

@@ -73,14 +73,17 @@ FORMAT_OPTIONS: dict[str, Any] = {
 class _Reader:
     """ORT ``CalibrationDataReader`` over in-memory arrays, one batch per ``get_next``."""
 
-    def __init__(self, arrays: dict[str, Any], names: list[str], batch: int):
+    def __init__(self, arrays: dict[str, Any], names: list[str], batch: int, progress: Any = None):
         self._batches = [feeds for _, feeds in iter_batches(arrays, names, batch)]
         self._i = 0
+        self._progress = progress  # progress(done, total) per batch handed out, when given
 
     def get_next(self) -> dict[str, Any] | None:
         if self._i >= len(self._batches):
             return None
         self._i += 1
+        if self._progress is not None:
+            self._progress(self._i, len(self._batches))
         return self._batches[self._i - 1]
 
     def __len__(self) -> int:

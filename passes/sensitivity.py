@@ -201,9 +201,9 @@ def rank_units(
     units: list[Unit],
     quantize_only: Callable[[list[str]], Path],
     evaluator: Evaluator,
-    progress: Callable[[str], None] = lambda _m: None,
+    progress: Callable[..., None] = lambda *_a: None,
 ) -> list[dict[str, Any]]:
-    """Sensitivity of each unit, most sensitive first.
+    """Sensitivity of each unit, most sensitive first (``progress(message, done, total)`` before each).
 
     Args:
         units: candidates, from :func:`fallback_units`.
@@ -216,8 +216,9 @@ def rank_units(
     """
     rows = []
     for i, u in enumerate(units):
-        progress(f"sensitivity {i + 1}/{len(units)}: {u.name}")
+        progress("sensitivity: one node quantized at a time", i, len(units))
         m = evaluator.metrics(quantize_only(list(u.nodes)))
+        progress("sensitivity: one node quantized at a time", i + 1, len(units))
         rows.append(
             {
                 "node": u.name,

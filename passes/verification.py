@@ -143,4 +143,16 @@ class Verify(Pass):
         if reason and options.get("degenerate", "fail") == "fail":
             failures.insert(0, f"the reference cannot judge this stage: {reason} (verify.degenerate: warn to accept)")
         if failures:
-            raise VerificationError("; ".join(failures))
+            raise VerificationError("; ".join(failures) + _hint(result_metrics.get("stage_kind")))
+
+
+#: What to change when a quantized stage misses its tolerances (recipe fields, as the user writes them).
+INT8_HINT = (
+    " (INT8 moved the outputs too far: in passes, set calibrate: {method: auto} to try min-max, entropy "
+    "and percentile ranges and keep the best, and quantize: {fallback: auto} to keep the most sensitive "
+    "nodes in float until the tolerances hold; or loosen verify.stages.quantize; see accelc passes quantize)"
+)
+
+
+def _hint(kind: str | None) -> str:
+    return INT8_HINT if kind == "onnx.qdq" else ""

@@ -15,7 +15,7 @@ from typing import Any
 from accelc.artifacts import ArtifactKind, json_problem, zip_problem
 from accelc.passes.ort_providers import OrtGpuSession, OrtSessionRunner
 from accelc.passes.torch_trt import TorchTensorRT, TorchTensorRTRunner
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -55,6 +55,7 @@ def accelc_register_runtimes() -> list[Any]:
             "Torch-TensorRT (dynamo IR) ExportedProgram with embedded TensorRT engines, on CUDA",
             kinds=("torch_tensorrt.exported",),
             runner=TorchTensorRTRunner,
+            predictor=runner_predictor(TorchTensorRTRunner),
         )
     ]
 

@@ -90,8 +90,10 @@ def accelc_register_runtimes() -> list[Any]:
         runners by kind); ``session(model, threads=)``, when set, runs an ONNX file or its
         bytes, and is what calibrate's method search, quantize's sensitivity and fallback
         search and bias correction use when the recipe names this runtime; ``pass_defaults``
-        are pass options the runtime wants unless the recipe sets them; ``config_file`` and
-        ``load`` let :func:`accelc.runtime.load` open a build's out dir.
+        are pass options the runtime wants unless the recipe sets them; ``predictor(out_dir,
+        deploy, device=, threads=)`` is how :func:`accelc.runtime.load` runs a build's deployed
+        artifact of one of ``kinds`` (``accelc.runners.runner_predictor(runner)`` makes one from
+        the runner); ``config_file`` and ``load`` open an out dir without ``deploy.json``.
 
     .. versionadded:: 0.2.0
     """

@@ -18,7 +18,7 @@ from accelc.passes.onnx_export import ExportOnnx, OnnxSim, onnx_problem
 from accelc.passes.onnxruntime import OrtRunner, ort_trial_session
 from accelc.passes.quantization import Calibrate, Quantize
 from accelc.passes.transformer_optimizer import OptimizeTransformer
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -59,6 +59,7 @@ def accelc_register_runtimes() -> list[Any]:
             "ONNX Runtime, CPU execution provider (CUDA provider for device cuda when installed)",
             kinds=("onnx", "onnx.qdq", "onnx.dynamic"),
             runner=OrtRunner,
+            predictor=runner_predictor(OrtRunner),
             session=ort_trial_session,
         )
     ]

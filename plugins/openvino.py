@@ -12,7 +12,7 @@ from typing import Any
 from accelc.artifacts import ArtifactKind
 from accelc.host import package_probe
 from accelc.passes.openvino import OpenVinoIR, OpenVinoRunner, openvino_trial_session
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -41,6 +41,7 @@ def accelc_register_runtimes() -> list[Any]:
             "OpenVINO CPU plugin (reads ONNX and IR)",
             kinds=("openvino.ir",),
             runner=OpenVinoRunner,
+            predictor=runner_predictor(OpenVinoRunner),
             session=openvino_trial_session,
             pass_defaults={"quantize": {"float_node_inputs": "float"}},
         )

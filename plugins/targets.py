@@ -15,6 +15,13 @@ from .hookspecs import hookimpl
 #: pipeline up to quantize and OpenVINO adds its IR conversion. Lowering points the trials of
 #: calibrate/quantize at the recipe's runtime; OpenVINO's INT8 stage is verified as the IR it
 #: deploys (the QDQ file in between is not run on ONNX Runtime).
+#: The CPU INT8 default is accuracy-aware (what Olive's and Optimum's accuracy-driven quantization
+#: do): calibrate tries min-max, entropy and percentile ranges on the validation set and keeps the
+#: best; quantize verifies the quantize stage's tolerances itself and keeps the most sensitive nodes
+#: in float until they hold (at most ``max_fp32_nodes``), failing with their names when none does.
+#: A build that verifies nothing (no data.validation, verify off, no tolerances) quantizes plainly.
+_CPU_ACCURACY_AWARE_INT8 = {"calibrate": {"method": "auto"}, "quantize": {"fallback": "auto"}}
+
 CPU = TargetProfile(
     name="cpu",
     description="x86-64 CPU, ONNX Runtime CPU execution provider or OpenVINO CPU plugin",
@@ -26,7 +33,7 @@ CPU = TargetProfile(
             "fp32": Pipeline.of("fuse_modules", "export_onnx", "onnxsim", verify_after=("onnxsim",)),
             "int8": Pipeline.of(
                 "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize",
-                verify_after=("onnxsim", "quantize"),
+                verify_after=("onnxsim", "quantize"), when_verified=_CPU_ACCURACY_AWARE_INT8,
             ),
         },
         "openvino": {
@@ -35,7 +42,7 @@ CPU = TargetProfile(
             ),
             "int8": Pipeline.of(
                 "fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize", "openvino_ir",
-                verify_after=("onnxsim", "openvino_ir"),
+                verify_after=("onnxsim", "openvino_ir"), when_verified=_CPU_ACCURACY_AWARE_INT8,
             ),
         },
     },

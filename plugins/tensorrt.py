@@ -13,7 +13,7 @@ from typing import Any
 
 from accelc.artifacts import ArtifactKind
 from accelc.passes.tensorrt import TrtEngine, TrtEngineRunner, TrtTimingCache, tensorrt_probe
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -40,7 +40,15 @@ def accelc_register_artifact_kinds() -> list[Any]:
 
 @hookimpl
 def accelc_register_runtimes() -> list[Any]:
-    return [Runtime("tensorrt", "NVIDIA TensorRT engines on CUDA", kinds=("trt.engine",), runner=TrtEngineRunner)]
+    return [
+        Runtime(
+            "tensorrt",
+            "NVIDIA TensorRT engines on CUDA",
+            kinds=("trt.engine",),
+            runner=TrtEngineRunner,
+            predictor=runner_predictor(TrtEngineRunner),
+        )
+    ]
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from accelc.passes.cuda_graph import CudaGraph
 from accelc.passes.cuda_graph_runtime import CONFIG_NAME, RuntimeConfigRunner, load
 from accelc.passes.fusion import FuseModules
 from accelc.passes.torch_runtime import Export, Script, ToHalf, TorchRunner, Trace
-from accelc.runners import Runtime
+from accelc.runners import Runtime, runner_predictor
 
 from .hookspecs import hookimpl
 
@@ -57,12 +57,14 @@ def accelc_register_runtimes() -> list[Any]:
             "eager PyTorch (torch.module, TorchScript, torch.export) on CPU or CUDA",
             kinds=("torch.module", "torchscript", "torch.exported"),
             runner=TorchRunner,
+            predictor=runner_predictor(TorchRunner),
         ),
         Runtime(
             "cuda_graph",
             "CUDA graphs captured at load time over a TensorRT engine or a torch artifact (runtime.json)",
             kinds=("runtime.config",),
             runner=RuntimeConfigRunner,
+            predictor=runner_predictor(RuntimeConfigRunner),
             config_file=CONFIG_NAME,
             load=load,
         ),

@@ -14,6 +14,7 @@ layer that only float can save.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +363,35 @@ def test_excluded_node_stays_float_under_onnxruntime_optimizations(op):
     onnx.checker.check_model(model)
     pinned = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     np.testing.assert_allclose(pinned, exact, atol=0.03)  # at most one output step apart
+
+
+def test_report_opens_with_a_summary_and_embeds_non_empty_plots(fallback_build):
+    """The three plots are drawn from this build's trials, sensitivity ranking and batch-1 timings,
+    are real PNGs with content, and report.md shows them after a summary that comes first."""
+    from PIL import Image
+
+    tmp, recipe, cache, _ = fallback_build
+    # the same build with its benchmark on: every other stage comes from the cache
+    doc = yaml.safe_load(recipe.read_text())
+    doc["benchmark"] = {"batch_sizes": [1], "warmup": 2, "iterations": 30}
+    (tmp / "bench.yaml").write_text(yaml.safe_dump(doc))
+    outcome = build(tmp / "bench.yaml", out_dir=tmp / "bench", cache_dir=cache)
+    assert outcome.ok, outcome.result.failure
+    out = outcome.out_dir
+    md = (out / "report.md").read_text()
+    for name in ("accuracy_latency.png", "sensitivity.png", "latency_batch1.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        with Image.open(png) as im:
+            pixels = np.asarray(im.convert("L"))
+        assert pixels.shape[0] > 200 and pixels.std() > 5, name  # not a blank canvas
+        assert f"]({name})" in md
+    b1 = stage(outcome.report, "benchmark")["metrics"]["batch"]["1"]
+    assert len(b1["latencies_ms"]) == stage(outcome.report, "benchmark")["metrics"]["iterations"]
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert md.index("## Summary") < md.index("## Accuracy") < md.index("## Speed") < md.index("## Stages")
+    assert "**Built**: INT8 `model.onnx`" in summary and "**Accuracy held**" in summary
+    # measured against both baselines, timed in the benchmark pass
+    assert re.search(r"x (faster|slower)\*\* than the source model in eager PyTorch", summary)
+    assert re.search(r"x (faster|slower)\*\* than FP32 ONNX", summary)
+    assert "node(s) kept in float" in summary  # the warning that the search kept a node in float

@@ -84,7 +84,9 @@ def test_warm_build_reruns_nothing_and_gives_the_same_artifact(built):
 
 def test_changing_one_option_reruns_that_pass_and_downstream(built):
     tmp, _, cache, _ = built
-    steps = ["fuse_modules", "export_onnx", "onnxsim", "calibrate", {"quantize": {"per_channel": False}}]
+    # the cpu int8 default pipeline, with one quantize option that no other pass reads changed
+    steps = ["fuse_modules", "export_onnx", "onnxsim", {"calibrate": {"method": "auto"}},
+             {"quantize": {"fallback": "auto", "max_fp32_nodes": 3}}]
     r = build(write_tiny_recipe(tmp, "b.yaml", passes=steps), out_dir=tmp / "out3", cache_dir=cache)
     assert r.ok
     ran = {s["node"] for s in r.report["stages"] if not s["cached"]}
@@ -94,13 +96,19 @@ def test_changing_one_option_reruns_that_pass_and_downstream(built):
 def test_missed_tolerance_fails_with_stage_and_metric(built):
     tmp, _, cache, _ = built
     r = build(
-        write_tiny_recipe(tmp, "strict.yaml", verify={"tolerances": {"cosine": 0.999999999}}),
+        # plain INT8 (not the accuracy-aware default, which would keep nodes in float until it holds)
+        write_tiny_recipe(
+            tmp, "strict.yaml", verify={"tolerances": {"cosine": 0.999999999}},
+            passes=["fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize"],
+        ),
         out_dir=tmp / "strict",
         cache_dir=cache,
     )
     assert not r.ok
     msg = str(r.result.failure)
     assert "verify[" in msg and "cosine" in msg and "required >= 1" in msg
+    # the failure names the recipe options that would help
+    assert "calibrate: {method: auto}" in msg and "quantize: {fallback: auto}" in msg
     assert r.report["status"] == "failed" and not (tmp / "strict" / "model.onnx").exists()
 
 
@@ -141,5 +149,7 @@ def test_plan_says_why_a_node_is_not_cached(built):
     graph, nodes = plan(write_tiny_recipe(tmp, "p.yaml", passes=steps), cache_dir=cache, out_dir=tmp / "out")
     status = {n.id: (n.status, n.reason) for n in nodes}
     assert status["export_onnx"][0] == "cached"
-    assert status["calibrate"] == ("run", "options changed: method")
-    assert status["quantize"] == ("run", "input changed: table")
+    assert status["calibrate"] == ("run", "changed in the recipe: passes[3].calibrate.method")
+    # quantize without fallback (the default pipeline has fallback: auto), named as the recipe writes it
+    assert status["quantize"][0] == "run" and status["quantize"][1].endswith("input changed: table")
+    assert "passes[4].quantize.fallback" in status["quantize"][1] and "selection" not in status["quantize"][1]

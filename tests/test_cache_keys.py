@@ -26,8 +26,12 @@ def test_unchanged_recipe_gives_identical_keys(tmp_path):
     assert keys(p, tmp_path) == keys(p, tmp_path)
 
 
+#: Plain INT8 (the cpu default is accuracy-aware when the build verifies: its trials read the tolerances).
+PLAIN = ["fuse_modules", "export_onnx", "onnxsim", "calibrate", "quantize"]
+
+
 def test_quantize_option_reruns_quantize_and_downstream_only(tmp_path):
-    base = keys(write_tiny_recipe(tmp_path), tmp_path)
+    base = keys(write_tiny_recipe(tmp_path, passes=PLAIN), tmp_path)
     steps = ["fuse_modules", "export_onnx", "onnxsim", "calibrate", {"quantize": {"per_channel": False}}]
     new = keys(write_tiny_recipe(tmp_path, "b.yaml", passes=steps), tmp_path)
     assert changed(base, new) == {"quantize", "verify[quantize]", "benchmark"}
@@ -41,12 +45,17 @@ def test_calibration_method_does_not_touch_export(tmp_path):
 
 
 def test_tolerance_change_reruns_nothing(tmp_path):
-    base = keys(write_tiny_recipe(tmp_path), tmp_path)
-    new = keys(
-        write_tiny_recipe(tmp_path, "b.yaml", verify={"tolerances": {"cosine": 0.5, "top1_agreement": 0.1}}),
-        tmp_path,
-    )
+    base = keys(write_tiny_recipe(tmp_path, passes=PLAIN), tmp_path)
+    tol = {"tolerances": {"cosine": 0.5, "top1_agreement": 0.1}}
+    new = keys(write_tiny_recipe(tmp_path, "b.yaml", passes=PLAIN, verify=tol), tmp_path)
     assert changed(base, new) == set()
+
+
+def test_tolerance_change_reruns_the_accuracy_searches_of_the_default_pipeline(tmp_path):
+    """calibrate's method trials and quantize's fallback aim at the quantize stage's tolerances."""
+    base = keys(write_tiny_recipe(tmp_path), tmp_path)
+    new = keys(write_tiny_recipe(tmp_path, "b.yaml", verify={"tolerances": {"cosine": 0.5}}), tmp_path)
+    assert changed(base, new) == {"calibrate", "quantize", "verify[quantize]", "benchmark"}
 
 
 def test_calibration_data_content_is_in_the_key(tmp_path):

@@ -36,11 +36,26 @@ def test_cpu_int8_graph_order_and_wiring(tmp_path):
         "data": "load_data[validation]",
     }  # the *source* model
     assert by["export_onnx"].inputs == {"model": "fuse_modules"}
-    assert by["calibrate"].inputs == {"model": "onnxsim", "data": "load_data[calibration]"}
+    # the accuracy-aware default: calibrate method auto scores its trials on the validation set
+    assert by["calibrate"].options["method"] == "auto" and by["quantize"].options["fallback"] == "auto"
+    assert by["calibrate"].inputs == {
+        "model": "onnxsim",
+        "data": "load_data[calibration]",
+        "reference": "reference",
+        "validation": "load_data[validation]",
+    }
     # bias correction (on by default) reads the calibration samples
-    assert by["quantize"].inputs == {"model": "onnxsim", "table": "calibrate", "calibration": "load_data[calibration]"}
+    # and fallback auto verifies its trials against the source model's outputs
+    assert by["quantize"].inputs == {
+        "model": "onnxsim",
+        "table": "calibrate",
+        "calibration": "load_data[calibration]",
+        "reference": "reference",
+        "validation": "load_data[validation]",
+    }
     assert by["verify[quantize]"].inputs["artifact"] == "quantize"
-    assert by["benchmark"].inputs == {"artifact": "quantize"}
+    # baselines for the report's speed-ups: the source model and the float ONNX graph
+    assert by["benchmark"].inputs == {"artifact": "quantize", "source": "load_model", "float": "onnxsim"}
     assert graph.final == "quantize"
 
 

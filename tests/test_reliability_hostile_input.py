@@ -171,6 +171,7 @@ def test_paths_that_leave_the_recipe_dir_or_are_not_paths_are_refused(over, wher
 
 def test_paths_inside_the_recipe_dir_or_absolute_are_accepted(reliability_project, tmp_path):
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cal.npz").touch()  # validation checks that a named file exists
     recipe = _recipe_with(
         reliability_project,
         tmp_path,

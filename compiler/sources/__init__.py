@@ -31,7 +31,11 @@ WEIGHTS_SCHEMA: dict[str, Any] = {
             "description": "Entry of a checkpoint dict holding the state_dict (e.g. state_dict).",
         },
         "strip_prefix": {"type": "string", "description": "Prefix removed from every key (e.g. 'module.')."},
-        "strict": {"type": "boolean", "default": True},
+        "strict": {
+            "type": "boolean",
+            "default": True,
+            "description": "Every key of the model and the file must match (load_state_dict strict).",
+        },
     },
     "oneOf": [{"required": ["file"]}, {"required": ["package", "path"]}],
 }
@@ -53,6 +57,12 @@ class ModelSource:
         """Facts that change the loaded model: options, weights digest, code version."""
         raise NotImplementedError
 
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """Problems ``accelc validate`` can see without running the user's code: ``[(dotted option
+        key, message)]``. ``options`` are validated, with paths absolute. The default checks that
+        every path option names an existing file or folder."""
+        return missing_paths(options, self.path_options)
+
     def load(self, options: dict[str, Any]) -> Any:
         """Build the model. Raises :class:`ModelSourceError` naming what failed."""
         raise NotImplementedError
@@ -72,6 +82,36 @@ class DataSource:
 
     def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """As :meth:`ModelSource.check`: ``[(dotted option key, message)]`` found without loading data."""
+        return missing_paths(options, self.path_options)
+
+
+def option_at(options: dict[str, Any], dotted: str) -> Any:
+    """``options["a"]["b"]`` for ``"a.b"``; ``None`` where any level is missing."""
+    cur: Any = options
+    for part in dotted.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else None
+    return cur
+
+
+def missing_paths(options: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``[(key, "... does not exist")]`` for each path option in ``keys`` that is set and names nothing."""
+    out = []
+    for key in keys:
+        value = option_at(options, key)
+        if isinstance(value, str) and not Path(value).exists():
+            out.append((key, f"{value} does not exist"))
+    return out
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """``"; did you mean 'x'?"`` with the closest of ``known`` (``difflib.get_close_matches``), or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def resolve_weights_path(weights: dict[str, Any]) -> Path:
@@ -155,6 +195,7 @@ __all__ = [
     "DataSource",
     "ModelSource",
     "ModelSourceError",
+    "did_you_mean",
     "digest_files",
     "load_state_dict_into",
     "resolve_weights_path",

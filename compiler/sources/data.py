@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, cut
-from . import DataSource, digest_files
+from . import DataSource, digest_files, missing_paths
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: torchvision's ImageNet statistics (RGB, 0..1 scale).
@@ -43,7 +43,7 @@ class ImagesSource(DataSource):
         "additionalProperties": False,
         "required": ["images"],
         "properties": {
-            "source": {"type": "string"},
+            "source": {"type": "string", "description": "This source's name (optional: picked by key)."},
             "images": {"type": "string", "minLength": 1, "description": "Folder (relative to the recipe)."},
             "input": {
                 "type": "string",
@@ -58,14 +58,24 @@ class ImagesSource(DataSource):
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "resize": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 256},
-                    "crop": {"type": "integer", "minimum": 1, "maximum": 8192, "default": 224},
-                    "mean": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+                    "resize": {
+                        "type": "integer", "minimum": 1, "maximum": 8192, "default": 256,
+                        "description": "Shorter side after resizing (bilinear), in pixels.",
+                    },
+                    "crop": {
+                        "type": "integer", "minimum": 1, "maximum": 8192, "default": 224,
+                        "description": "Side of the center crop, in pixels (must match the input's H and W).",
+                    },
+                    "mean": {
+                        "type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3,
+                        "description": "Per-channel mean (RGB, 0..1 scale); default ImageNet's.",
+                    },
                     "std": {
                         "type": "array",
                         "items": {"type": "number", "exclusiveMinimum": 0},
                         "minItems": 3,
                         "maxItems": 3,
+                        "description": "Per-channel standard deviation (RGB, 0..1 scale); default ImageNet's.",
                     },
                 },
             },
@@ -73,9 +83,15 @@ class ImagesSource(DataSource):
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "per_image": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 1},
-                    "min_scale": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.25},
-                    "seed": {"type": "integer", "minimum": 0, "default": 0},
+                    "per_image": {
+                        "type": "integer", "minimum": 1, "maximum": 1024, "default": 1,
+                        "description": "Samples per image: the center crop plus per_image - 1 random-resized crops.",
+                    },
+                    "min_scale": {
+                        "type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.25,
+                        "description": "Smallest area fraction of a random-resized crop.",
+                    },
+                    "seed": {"type": "integer", "minimum": 0, "default": 0, "description": "Seed of the crops."},
                 },
             },
         },
@@ -91,6 +107,17 @@ class ImagesSource(DataSource):
             raise DataError(f"data.images: folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return files
 
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """The folder exists and holds images; ``labels``, when set, is a file."""
+        folder = Path(options["images"])
+        if not folder.is_dir():
+            what = f"folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
+            return [("images", what)]
+        out = missing_paths(options, ("labels",))
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()):
+            out.append(("images", f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+        return out
+
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         files = self._files(options)
         ident = {k: v for k, v in options.items() if k not in ("images", "labels")}
@@ -102,10 +129,8 @@ class ImagesSource(DataSource):
     def load(self, options: dict[str, Any], signature: Any) -> dict[str, Any]:
         from PIL import Image, UnidentifiedImageError
 
-        pre = options.get("preprocess", {})
-        resize, crop = pre.get("resize", 256), pre.get("crop", 224)
-        mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)
-        std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)
+        pre = preprocess_settings(options)
+        resize, crop = pre["resize"], pre["crop"]
         crops = options.get("crops", {})
         per_image = crops.get("per_image", 1)
         rng = np.random.default_rng(crops.get("seed", 0))
@@ -136,9 +161,7 @@ class ImagesSource(DataSource):
             views = [_center(img, resize, crop)]
             for _ in range(per_image - 1):
                 views.append(_random_resized(img, crop, crops.get("min_scale", 0.25), rng))
-            for v in views:
-                a = np.asarray(v, dtype=np.float32) / 255.0
-                samples.append(((a - mean) / std).transpose(2, 0, 1))
+            samples += [normalize(v, pre) for v in views]
             if labels_by_name is not None:
                 if path.name not in labels_by_name:
                     raise DataError(f"data.labels: no label for {path.name} in {options['labels']}")
@@ -165,10 +188,18 @@ class TensorsSource(DataSource):
         "additionalProperties": False,
         "required": ["tensors"],
         "properties": {
-            "source": {"type": "string"},
-            "tensors": {"type": "string", "minLength": 1},
-            "limit": {"type": "integer", "minimum": 1},
-            "labels_key": {"type": "string", "default": "labels"},
+            "source": {"type": "string", "description": "This source's name (optional: picked by key)."},
+            "tensors": {
+                "type": "string",
+                "minLength": 1,
+                "description": ".npy (one input) or .npz (arrays named after the inputs), relative to the recipe.",
+            },
+            "limit": {"type": "integer", "minimum": 1, "description": "Use at most this many samples."},
+            "labels_key": {
+                "type": "string",
+                "default": "labels",
+                "description": "Array of the .npz holding integer labels, shape (N,).",
+            },
         },
     }
 
@@ -236,6 +267,50 @@ def describe_path(p: Path, expected: str) -> str:
     if p.is_file():
         return f"{p} is a file, not a {expected}"
     return f"{p} is not a regular {expected} (a device, socket or pipe)"
+
+
+def preprocess_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation transform of an ``images`` dataset's options, defaults filled in:
+    ``{"resize": int, "crop": int, "mean": [3 floats], "std": [3 floats]}`` (RGB, 0..1 scale).
+    This is what a build records in its out dir (``deploy.json``) for :func:`preprocess_images`."""
+    pre = options.get("preprocess") or {}
+    return {
+        "resize": int(pre.get("resize", 256)),
+        "crop": int(pre.get("crop", 224)),
+        "mean": [float(v) for v in pre.get("mean", IMAGENET_MEAN)],
+        "std": [float(v) for v in pre.get("std", IMAGENET_STD)],
+    }
+
+
+def normalize(view: Any, settings: dict[str, Any]) -> np.ndarray:
+    """An RGB PIL image -> ``(3, H, W)`` float32: scaled to [0, 1], minus ``mean``, over ``std``."""
+    a = np.asarray(view, dtype=np.float32) / 255.0
+    mean = np.asarray(settings["mean"], np.float32)
+    std = np.asarray(settings["std"], np.float32)
+    return ((a - mean) / std).transpose(2, 0, 1)
+
+
+def preprocess_images(images: Any, settings: dict[str, Any]) -> np.ndarray:
+    """The ``images`` source's evaluation transform applied to ``images`` (paths or PIL images,
+    one or a list): resize the shorter side to ``resize``, center-crop ``crop``, :func:`normalize`.
+
+    Returns ``(N, 3, crop, crop)`` float32 (NCHW, RGB), exactly what a build calibrated and
+    verified on. Raises :class:`DataError` naming a file that cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            img = item.convert("RGB")
+        else:
+            try:
+                with Image.open(item) as im:
+                    img = im.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise DataError(f"cannot decode image {item}: {e}") from e
+        out.append(normalize(_center(img, settings["resize"], settings["crop"]), settings))
+    return np.stack(out).astype(np.float32)
 
 
 def _read_labels(path: Path) -> dict[str, int]:

@@ -12,10 +12,10 @@ from ..code_identity import changed_since_first_seen, code_closure
 from ..environment import package_version
 from ..errors import ModelSourceError, cut
 from ..runners import scoped_sys_path
-from . import WEIGHTS_SCHEMA, ModelSource, load_state_dict_into, weights_identity
+from . import WEIGHTS_SCHEMA, ModelSource, did_you_mean, load_state_dict_into, missing_paths, weights_identity
 
 _COMMON = {
-    "source": {"type": "string"},
+    "source": {"type": "string", "description": "The model source's name."},
     "kwargs": {"type": "object", "description": "Keyword arguments for the constructor."},
     "weights": WEIGHTS_SCHEMA,
     "seed": {
@@ -49,8 +49,25 @@ class TorchvisionSource(ModelSource):
         "type": "object",
         "additionalProperties": False,
         "required": ["source", "name"],
-        "properties": {**_COMMON, "name": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"}},
+        "properties": {
+            **_COMMON,
+            "name": {
+                "type": "string",
+                "pattern": "^[a-z][a-z0-9_]*$",
+                "description": "A name from torchvision.models.list_models(), e.g. resnet18, mobilenet_v3_small.",
+            },
+        },
     }
+
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """The weights file exists and torchvision has a model of that name (``list_models()``)."""
+        import torchvision
+
+        out = missing_paths(options, self.path_options)
+        known = torchvision.models.list_models()
+        if options["name"] not in known:
+            out.append(("name", f"torchvision has no model '{options['name']}'{did_you_mean(options['name'], known)}"))
+        return out
 
     def identity(self, options: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -102,13 +119,43 @@ class PythonSource(ModelSource):
         "required": ["source", "callable"],
         "properties": {
             **_COMMON,
-            "callable": {"type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"},
+            "callable": {
+                "type": "string",
+                "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+                "description": "'module:attribute' of a function or class returning the nn.Module, e.g. "
+                "'my_model:build' for build() in my_model.py.",
+            },
             "path": {
                 "type": "string",
-                "description": "Directory added to sys.path (relative to the recipe).",
+                "description": "Folder holding the model's module, put on sys.path first (relative to the "
+                "recipe); write '.' for a model file next to the recipe.",
             },
         },
     }
+
+    def check(self, options: dict[str, Any]) -> list[tuple[str, str]]:
+        """``path`` is a folder, the module is found there or on ``sys.path`` (located with
+        ``importlib.machinery.PathFinder``, so no package ``__init__`` runs), and, for a module
+        that is a source file, the callable's first name is defined at its top level (read with
+        ``ast``, not imported)."""
+        out = missing_paths(options, self.path_options)
+        if options.get("path") and Path(options["path"]).exists() and not Path(options["path"]).is_dir():
+            out.append(("path", f"{options['path']} is not a folder"))
+        mod, attr = options["callable"].split(":", 1)
+        search = [options["path"]] if options.get("path") else []
+        origin = find_module_file(mod, search)
+        if origin is None:
+            where = f"{options['path']} and sys.path" if options.get("path") else "sys.path"
+            hint = "" if options.get("path") else "; a module next to the recipe needs model.path: ."
+            out.append(("callable", f"module '{mod}' not found (looked in {where}){hint}"))
+        elif origin.suffix == ".py":
+            names = top_level_names(origin)
+            first = attr.split(".")[0]
+            if names is not None and first not in names:
+                out.append(
+                    ("callable", f"{origin} defines no '{first}'{did_you_mean(first, sorted(names))}")
+                )
+        return out
 
     @staticmethod
     def _module_file(options: dict[str, Any]) -> Path:
@@ -170,3 +217,62 @@ class PythonSource(ModelSource):
                 f"model.callable: {options['callable']}(...) raised {type(e).__name__}: {e}"
             ) from e
         return _finish(model, options, options["callable"])
+
+
+def find_module_file(module: str, search: list[str]) -> Path | None:
+    """The file of ``module`` (dotted) found in ``search`` then ``sys.path``, without importing anything
+    (``importlib.machinery.PathFinder`` walks the packages' folders), or ``None``."""
+    import sys
+    from importlib.machinery import PathFinder
+
+    locations: list[str] | None = [*search, *sys.path]
+    spec = None
+    for part in module.split("."):
+        if locations is None:
+            return None
+        try:
+            spec = PathFinder.find_spec(part, locations)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        locations = list(spec.submodule_search_locations) if spec.submodule_search_locations else None
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        return None
+    return Path(spec.origin)
+
+
+def top_level_names(file: Path) -> set[str] | None:
+    """Names a Python source file binds at its top level (defs, classes, assignments, imports), or
+    ``None`` when that cannot be told without running it (unparsable, ``import *``, ``__getattr__``)."""
+    import ast
+
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def bind(body: list[Any]) -> bool:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for a in node.names:
+                    if a.name == "*":
+                        return False
+                    names.add((a.asname or a.name).split(".")[0])
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                # a conditional definition counts as one
+                parts = [node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])]
+                parts += [h.body for h in getattr(node, "handlers", [])]
+                if not all(bind(p) for p in parts):
+                    return False
+        return True
+
+    if not bind(tree.body):
+        return None
+    return None if "__getattr__" in names else names
