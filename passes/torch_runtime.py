@@ -373,14 +373,23 @@ class TorchRunner:
         self.dtype = getattr(torch, artifact.meta.get("input_dtype", "float32"))
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import torch
+        return call_module(self.model, self.input_names or list(feeds), feeds, self.device, self.dtype)
 
-        names = self.input_names or list(feeds)
-        args = []
-        for n in names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-            args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
-            out = self.model(*args)
-        return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
+
+def call_module(
+    model: Any, names: list[str], feeds: dict[str, np.ndarray], device: Any, dtype: Any
+) -> list[np.ndarray]:
+    """``model(*inputs)`` under ``torch.inference_mode()``: ``feeds[name]`` for each of ``names`` in
+    order, moved to ``device``, floating inputs cast to ``dtype`` (float16 for a half model; integer
+    inputs such as token ids unchanged). Returns every output, flattened, as float32 host arrays
+    (the copy to the host waits for the device's work)."""
+    import torch
+
+    args = []
+    for n in names:
+        t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device)
+        args.append(t.to(dtype) if t.is_floating_point() else t)
+    with torch.inference_mode():
+        out = model(*args)
+    return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
 

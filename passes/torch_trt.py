@@ -46,7 +46,7 @@ from accelc.environment import package_version
 from accelc.errors import PassError
 from accelc.pass_api import Pass, PassContext, PassResult, Slot
 from accelc.passes.tensorrt import SUPPORTED_TENSORRT, optimization_profile, tensorrt_version, version_ok
-from accelc.passes.torch_runtime import compare, example_batches, example_inputs
+from accelc.passes.torch_runtime import call_module, compare, example_batches, example_inputs
 from accelc.runners import flatten_outputs
 from accelc.signature import InputSignature
 
@@ -310,14 +310,4 @@ class TorchTensorRTRunner:
         self.dtype = getattr(torch, artifact.meta.get("input_dtype", "float32"))
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import torch
-
-        names = self.input_names or list(feeds)
-        args = []
-        for n in names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
-            args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
-            out = self.model(*args)
-        torch.cuda.synchronize(self.device)
-        return [o.detach().float().cpu().numpy() for o in flatten_outputs(out)]
+        return call_module(self.model, self.input_names or list(feeds), feeds, self.device, self.dtype)
