@@ -876,9 +876,10 @@ def _store(cache_dir: Path | None) -> Any:
 def cache_list(cache_dir: Path | None) -> None:
     """List entries, most recently used first."""
     store = _store(cache_dir)
-    t = Table(title=f"cache: {store.root}")
+    # no borders and a short date: key, node, kind and size fit 80 columns without cutting a name
+    t = Table(title=f"cache: {escape(str(store.root))}", box=None, pad_edge=False, title_justify="left")
     for col in ("key", "node", "kind", "MiB", "created"):
-        t.add_column(col)
+        t.add_column(col, justify="right" if col == "MiB" else "left")
     import time as _t
 
     total = 0
@@ -886,10 +887,10 @@ def cache_list(cache_dir: Path | None) -> None:
         total += e.size_bytes
         t.add_row(
             e.key[:12],
-            e.meta.get("node", "?"),
-            e.meta.get("kind", "?"),
+            escape(str(e.meta.get("node", "?"))),  # verify[quantize] is not rich markup
+            escape(str(e.meta.get("kind", "?"))),
             f"{e.size_bytes / 2**20:.2f}",
-            _t.strftime("%Y-%m-%d %H:%M", _t.localtime(e.meta.get("created", 0))),
+            _t.strftime("%m-%d %H:%M", _t.localtime(e.meta.get("created", 0))),
         )
     out.print(t)
     out.print(f"{len(store.list())} entries, {total / 2**20:.1f} MiB")

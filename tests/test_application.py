@@ -371,3 +371,25 @@ def test_plan_names_lowered_options_as_the_recipe_writes_them(int8_build, cache)
     why = {n.id: n.reason for n in nodes if n.status == "run"}
     assert "verify.tolerances.cosine" in why["calibrate"] and "selection" not in why["calibrate"]
     assert "verify.tolerances.cosine" in why["quantize"]
+
+
+def test_cache_list_shows_bracketed_node_ids_whole_at_80_columns(tmp_path):
+    from click.testing import CliRunner
+
+    from accelc.cache import Store
+    from accelc.cli import main
+
+    store = Store(tmp_path / "cache")
+    for i, (node, kind) in enumerate([("verify[quantize]", "verification.report"),
+                                      ("load_data[calibration]", "calibration.data")]):
+        key = f"{i:064x}"
+        staging = store.staging(key)
+        (staging / "metrics.json").write_text("{}")
+        store.commit(key, staging, kind, "metrics.json", {"node": node})
+    r = CliRunner().invoke(main, ["cache", "list", "--cache-dir", str(tmp_path / "cache")], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    # not eaten as rich markup, not cut
+    assert any("verify[quantize]" in ln and "verification.report" in ln for ln in lines), r.output
+    assert any("load_data[calibration]" in ln and "calibration.data" in ln for ln in lines), r.output
+    assert max(len(ln.rstrip()) for ln in lines) <= 80
