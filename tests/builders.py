@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,16 @@ def write_tiny_recipe(tmp: Path, name: str = "recipe.yaml", seed: int = 0, **ove
     path = tmp / name
     path.write_text(yaml.safe_dump(tiny_recipe_dict(**over), sort_keys=False))
     return path
+
+
+def pip_install_target(package: Path, site: Path) -> Path:
+    """``pip install --no-deps --no-build-isolation --target SITE PACKAGE`` (a plugin package from
+    tests/, installed as a user would, into a folder the test puts on ``PYTHONPATH``); returns ``site``."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(package)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return site

@@ -10,31 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import write_tiny_recipe
+from builders import pip_install_target, write_tiny_recipe
 
 PKG = Path(__file__).parent / "plugin_pkg"
 
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(PKG),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    site = pip_install_target(PKG, tmp_path_factory.mktemp("site"))
     assert any(p.name.startswith("accelc_example_plugin-0.3.0") for p in site.iterdir())
     return site
 

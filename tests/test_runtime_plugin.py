@@ -12,31 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import write_tiny_recipe
+from builders import pip_install_target, write_tiny_recipe
 
 PKG = Path(__file__).parent / "runtime_plugin_pkg"
 
 
 @pytest.fixture(scope="module")
 def runtime_site(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("rt-site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(PKG),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    site = pip_install_target(PKG, tmp_path_factory.mktemp("rt-site"))
     return site
 
 
