@@ -212,7 +212,7 @@ def lower(recipe: Recipe, registry: Any) -> PassGraph:
             add("verify", configured("verify", vopts, steps[i + 1 :], vid), node_id=vid)
 
     if recipe.benchmark.get("enabled", True) and "benchmark" not in step_names:
-        add("benchmark", benchmark, where="benchmark")
+        add("benchmark", configured("benchmark", dict(benchmark), [], "benchmark"), where="benchmark")
 
     finals = [n for n in nodes if n.final and n.produces in kinds and kinds[n.produces].runnable]
     if not finals:

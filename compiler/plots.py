@@ -3,8 +3,8 @@
 - ``accuracy_latency.png``: every trial of an accuracy search (calibrate ``method: auto``,
   quantize ``fallback``) as accuracy (top-1 agreement with the source model, else cosine) against
   p50 latency at batch 1, the kept one marked, the float model as a reference line;
-- ``sensitivity.png``: the per-node sensitivity ranking (cosine loss with only that node
-  quantized), most sensitive on top;
+- ``sensitivity.png``: the per-node sensitivity ranking (the noise each node adds, or the cosine
+  loss with only that node quantized), most sensitive on top;
 - ``latency_batch1.png``: the distribution of the benchmark's per-iteration batch-1 latencies,
   with p50 and p99 marked.
 
@@ -97,10 +97,13 @@ def _sensitivity(report: dict[str, Any], path: Path) -> bool:
     fig = _figure(6.4, 1.2 + 0.28 * len(rows))
     ax = fig.add_subplot()
     names = [f"{r['node']} ({r.get('op_type', '')})" for r in rows][::-1]
-    losses = [max(float(r.get("cosine_loss") or 0.0), 0.0) for r in rows][::-1]
+    sqnr = "added_nsr" in rows[0]
+    key = "added_nsr" if sqnr else "cosine_loss"
+    losses = [max(float(r.get(key) or 0.0), 0.0) for r in rows][::-1]
     ax.barh(range(len(rows)), losses, color="tab:blue")
     ax.set_yticks(range(len(rows)), labels=names, fontsize=7)
-    ax.set_xlabel("cosine loss with only this node quantized (1 - cosine)")
+    ax.set_xlabel("noise the node adds (output NSR minus input NSR, full INT8 model)" if sqnr
+                  else "cosine loss with only this node quantized (1 - cosine)")
     ax.set_title(f"Sensitivity ranking (top {len(rows)}): most sensitive on top", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     fig.savefig(path, format="png")

@@ -138,7 +138,7 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
             f"{'yes' if t.get('passed') else 'no'} | {'**yes**' if t.get('kept') else ''} |"
         )
     lat = m.get("latency") if isinstance(m.get("latency"), dict) else {}
-    where = f"batch {lat.get('batch', 1)}, {lat.get('threads')} threads, p50, measured side by side"
+    where = f"batch {lat.get('batch', 1)}, {lat.get('threads')} threads, p50, each model timed alone"
     if not by_method:
         lines += ["", f"Kept: {m.get('kept')}; nodes in float: {_names(m.get('fp32_nodes', []), 12)}. "
                   f"Latency ({where}): float {_fmt(lat.get('fp32_ms'))} ms, full INT8 {_fmt(lat.get('int8_ms'))} ms, "
@@ -151,11 +151,19 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
         lines += ["", f"### Sensitivity ({info.get('method', 'per node')}, {info.get('samples')} "
                   f"{info.get('set', '')} samples vs the {info.get('compared_with', 'float model')}; "
                   f"top {min(SENSITIVITY_ROWS, len(sens))} of {len(sens)})", "",
-                  "| rank | node | op | cosine loss | cosine | top-1 agreement | mean abs error |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sens[:SENSITIVITY_ROWS]:
-            lines.append(f"| {r['rank']} | `{r['node']}` | {r['op_type']} | {_fmt(r['cosine_loss'])} | "
-                         f"{_fmt(r['cosine'])} | {_fmt(r['top1_agreement'])} | {_fmt(r['mean_abs_error'])} |")
+                  ]
+        if "added_nsr" in sens[0]:
+            lines += ["| rank | node | op | added noise (NSR) | output SQNR dB | input SQNR dB |",
+                      "|---|---|---|---|---|---|"]
+            for r in sens[:SENSITIVITY_ROWS]:
+                lines.append(f"| {r['rank']} | `{r['node']}` | {r['op_type']} | {_fmt(r['added_nsr'])} | "
+                             f"{_fmt(r['sqnr_db'])} | {_fmt(r['input_sqnr_db'])} |")
+        else:
+            lines += ["| rank | node | op | cosine loss | cosine | top-1 agreement | mean abs error |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in sens[:SENSITIVITY_ROWS]:
+                lines.append(f"| {r['rank']} | `{r['node']}` | {r['op_type']} | {_fmt(r['cosine_loss'])} | "
+                             f"{_fmt(r['cosine'])} | {_fmt(r['top1_agreement'])} | {_fmt(r['mean_abs_error'])} |")
     return lines
 
 
@@ -166,8 +174,8 @@ def _final_bench(report: dict[str, Any]) -> dict[str, Any] | None:
 
 def speedups(report: dict[str, Any]) -> dict[str, Any]:
     """Batch-1 p50 of the artifact and its speed-ups, where measured: ``{"p50_ms", "source_ms",
-    "over_source", "float_ms", "over_float", "float_from"}``. The benchmark's baselines (timed after
-    the artifact in the same pass) come first; else the accuracy search's side-by-side latencies."""
+    "over_source", "float_ms", "over_float", "float_from"}``. The benchmark's baselines (each timed in
+    its own process, like the artifact) come first; else the accuracy search's trial latencies."""
     out: dict[str, Any] = {}
     m = _final_bench(report)
     b1 = ((m or {}).get("batch") or {}).get("1")
@@ -207,17 +215,51 @@ def _warnings(report: dict[str, Any]) -> list[str]:
         m = s.get("metrics") or {}
         if s["pass"] == "quantize" and m.get("fp32_nodes"):
             w.append(f"{len(m['fp32_nodes'])} node(s) kept in float to hold the tolerances: {_names(m['fp32_nodes'])}")
+        if m.get("slower_than_float"):
+            w.append(f"`{s['node']}`: {m['slower_than_float']}")
     m = _final_bench(report) or {}
     for bs, b in (m.get("batch") or {}).items():
         if b.get("p50_ms") and b["p99_ms"] > 3 * b["p50_ms"]:
             w.append(f"batch {bs}: p99 {b['p99_ms']:.3g} ms is {b['p99_ms'] / b['p50_ms']:.1f}x p50 "
                      "(a noisy host: other processes, CPU frequency); see the latency distribution")
+    sp = speedups(report)
+    if sp.get("float_from") == "benchmark" and sp["over_float"] < 1:
+        w.append(f"the artifact is slower than the FP32 ONNX model at batch 1 ({sp['p50_ms']:.3g} ms against "
+                 f"{sp['float_ms']:.3g} ms, each timed in its own process): set verify.min_speedup to fail such builds")
     for name, base in (m.get("baselines") or {}).items():
         if base.get("error"):
             w.append(f"baseline `{name}` could not be timed: {base['error']}")
     if m.get("skipped_batch_sizes"):
         w.append(f"batch sizes outside the input's dynamic range were not benchmarked: {m['skipped_batch_sizes']}")
     return w
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One line: precision, batch-1 speed-ups over the source model and the FP32 ONNX model, agreement.
+
+    ``INT8 · 6.9x faster than the source model (eager PyTorch), 1.4x faster than FP32 ONNX
+    (batch 1, p50) · top-1 agreement 0.958, cosine 0.998 (verify[quantize])``; parts that were not
+    measured say so."""
+    prec = {"int8": "INT8", "fp16": "FP16", "fp32": "FP32"}.get(report["precision"], report["precision"])
+    sp = speedups(report)
+    speed = []
+    if "over_source" in sp:
+        speed.append(f"{sp['over_source']:.2f}x {'faster' if sp['over_source'] >= 1 else 'as fast'} than the source "
+                     "model (eager PyTorch)")
+    if "over_float" in sp:
+        speed.append(f"{sp['over_float']:.2f}x {'faster' if sp['over_float'] >= 1 else 'as fast'} than FP32 ONNX")
+    parts = [prec, (", ".join(speed) + " (batch 1, p50)") if speed else "speed not measured"]
+    ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
+    if ver:
+        m = ver[-1]["metrics"]
+        agree = [f"top-1 agreement {m['top1_agreement']:.3f}" if m.get("top1_agreement") is not None else "",
+                 f"cosine {m['cosine']:.4f}" if m.get("cosine") is not None else "",
+                 f"recall@{m.get('recall_k')} {m['neighbor_recall']:.3f}" if m.get("neighbor_recall") is not None
+                 else ""]
+        parts.append(", ".join(a for a in agree if a) + f" ({ver[-1]['node']})")
+    else:
+        parts.append("agreement not verified")
+    return " · ".join(parts)
 
 
 def summary_markdown(report: dict[str, Any]) -> list[str]:
@@ -238,7 +280,7 @@ def summary_markdown(report: dict[str, Any]) -> list[str]:
         lines.append("; ".join(parts) + ".")
     if "over_float" in sp and sp.get("float_from") != "benchmark":
         lines.append(f"**Against FP32 ONNX**: {_times(sp['over_float'])} ({sp['float_ms']:.3g} ms -> "
-                     f"{sp['search_kept_ms']:.3g} ms, measured side by side by `{sp['float_from']}`).")
+                     f"{sp['search_kept_ms']:.3g} ms, each timed alone by `{sp['float_from']}`).")
     if "p50_ms" not in sp and "over_float" not in sp:
         lines.append("**Speed**: not measured (no benchmark stage ran).")
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
@@ -265,7 +307,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     sensitivity) and speed (benchmark), with the plots in ``plots`` (``{name: file in the out dir}``)
     embedded, then the stage/cache table and the build's details."""
     plots = plots or {}
-    lines = [f"# accelc build report: {report['recipe']['name']}", "", "## Summary", "", *summary_markdown(report)]
+    lines = [f"# accelc build report: {report['recipe']['name']}", "", f"**{headline(report)}**", "", "## Summary", "",
+             *summary_markdown(report)]
     lines += ["", "## Accuracy"]
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
     if ver:
@@ -311,7 +354,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             )
         base = {k: v for k, v in (m.get("baselines") or {}).items() if v.get("p50_ms")}
         if base:
-            lines += ["", "Baselines, timed after the artifact in the same pass (batch 1):", "",
+            lines += ["", "Baselines, each timed alone in its own process like the artifact (batch 1):", "",
                       "| model | kind | p50 ms | p99 ms | artifact speed-up |", "|---|---|---|---|---|"]
             b1 = (m.get("batch") or {}).get("1", {})
             for name, v in base.items():

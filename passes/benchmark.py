@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import numpy as np
 
 from accelc.artifacts import Artifact
+from accelc.errors import PassError, VerificationError
 from accelc.pass_api import Pass, PassContext, PassResult, RecipeView, Slot
 from accelc.runners import default_threads
+from accelc.timing import TimedModel, time_models
 
 
 def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
@@ -30,6 +31,8 @@ def latency_stats(seconds: list[float], batch: int) -> dict[str, float]:
 class Benchmark(Pass):
     """Measure the artifact's latency per batch size on seeded random inputs.
 
+    The artifact, and then each baseline, is timed alone in a worker process of its own, the way
+    a deployment runs it (:func:`accelc.timing.time_models`: nothing else's threads spinning).
     Each batch size gets ``warmup`` untimed runs, then ``iterations`` timed runs
     (``time.perf_counter`` around each call, host outputs included). Batch sizes outside
     the signature's dynamic batch range are skipped and listed. The thread count is
@@ -37,7 +40,7 @@ class Benchmark(Pass):
     """
 
     name = "benchmark"
-    version = "2"
+    version = "3"
     inputs = (
         Slot("artifact", runnable=True, runs=True),
         # baselines timed at batch 1 after the artifact: the source model (eager PyTorch, the first
@@ -62,6 +65,12 @@ class Benchmark(Pass):
                 "items": {"type": "integer", "minimum": 1},
                 "description": "Also time these sizes of a dynamic axis named 'sequence' at every batch size.",
             },
+            "min_speedup": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "Set by lowering from verify.min_speedup: the artifact's batch-1 p50 must be at "
+                "least this many times faster than the float baseline's, or the build fails.",
+            },
             "baselines": {
                 "type": "array",
                 "items": {"enum": ["source", "float"]},
@@ -73,9 +82,41 @@ class Benchmark(Pass):
         },
     }
 
+    #: a speed tolerance is checked on the result (:meth:`check`); changing it reruns nothing
+    key_ignores = ("min_speedup",)
+
     def configure(self, options: dict[str, Any], recipe: RecipeView, where: str) -> dict[str, Any]:
-        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings."""
-        return {**recipe.benchmark, **options}
+        """An explicit ``benchmark`` step starts from the recipe's ``benchmark`` settings;
+        ``verify.min_speedup`` becomes ``min_speedup`` (and the float baseline is then timed)."""
+        opts = {**recipe.benchmark, **options}
+        if recipe.verify.get("min_speedup") is not None:
+            opts.setdefault("min_speedup", recipe.verify["min_speedup"])
+            if opts.get("baselines") is not None and "float" not in opts["baselines"]:
+                opts["baselines"] = [*opts["baselines"], "float"]
+        return opts
+
+    def check(self, result_metrics: dict[str, Any], options: dict[str, Any]) -> None:
+        """``min_speedup``: the artifact's batch-1 p50 against the float baseline's (the FP32 ONNX
+        graph before quantization), both timed each in its own process.
+
+        Raises:
+            VerificationError: the artifact is less than ``min_speedup`` times faster, or the float
+                baseline or the batch-1 latency was not measured.
+        """
+        need = options.get("min_speedup")
+        if need is None:
+            return
+        b1 = (result_metrics.get("batch") or {}).get("1") or {}
+        base = (result_metrics.get("baselines") or {}).get("float") or {}
+        if not b1.get("p50_ms") or not base.get("p50_ms"):
+            why = base.get("error") or "no float ONNX model before the artifact, or batch 1 was not benchmarked"
+            raise VerificationError(f"verify.min_speedup {need:g} cannot be checked: {why}")
+        got = base["p50_ms"] / b1["p50_ms"]
+        if got < need:
+            raise VerificationError(
+                f"the artifact is {got:.2f}x as fast as the FP32 ONNX model at batch 1 (p50 {b1['p50_ms']:.3g} ms "
+                f"against {base['p50_ms']:.3g} ms, each in its own process); verify.min_speedup requires {need:g}x"
+            )
 
     def uses_inputs(self, options: dict[str, Any]) -> set[str] | None:
         """``baselines`` set: exactly those slots (required). Unset: whatever the pipeline has (``None``),
@@ -89,38 +130,45 @@ class Benchmark(Pass):
 
     def run(self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any]) -> PassResult:
         threads = options.get("threads") or default_threads()
-        runner = ctx.runners.make(inputs["artifact"], device=options["device"], threads=threads)
         spec0 = ctx.signature.inputs[0]
         bdim = spec0.batch_dim()
         lo, hi = (bdim.min, bdim.max) if bdim else (spec0.shape[0], spec0.shape[0])
         rng = np.random.default_rng(0)
-        per_batch: dict[str, Any] = {}
-        per_shape: dict[str, Any] = {}
+        feeds: dict[str, dict[str, np.ndarray]] = {}
+        shapes: dict[str, tuple[int, int | None]] = {}
         skipped = []
         for bs in options["batch_sizes"]:
             if not lo <= bs <= hi:
                 skipped.append(bs)
                 continue
             for seq in [None, *options.get("sequence_lengths", [])]:
-                feeds = _feeds(ctx.signature, bs, seq, rng)
-                what = f"batch {bs}" + (f", sequence {seq}" if seq else "")
-                ctx.progress(f"{what}: warm-up")
-                for _ in range(options["warmup"]):
-                    runner.run(feeds)
-                ctx.progress(f"{what}: {options['iterations']} timed runs")
-                times = _timed(runner, feeds, options["iterations"], ctx, what)
-                if seq is None:
-                    latencies = [round(t * 1e3, 4) for t in times]
-                    per_batch[str(bs)] = {**latency_stats(times, bs), "latencies_ms": latencies}
-                else:
-                    per_shape[f"{bs}x{seq}"] = {"batch": bs, "sequence": seq, **latency_stats(times, bs)}
-        del runner  # its threads must not compete with the baselines'
+                key = f"batch {bs}" + (f", sequence {seq}" if seq else "")
+                feeds[key] = _feeds(ctx.signature, bs, seq, rng)
+                shapes[key] = (bs, seq)
+        timed = time_models(
+            [TimedModel("artifact", artifact=inputs["artifact"])], feeds, threads=threads,
+            warmup=options["warmup"], iterations=options["iterations"], device=options["device"],
+            runners=ctx.runners, scratch=ctx.scratch, progress=ctx.progress,
+        )["artifact"]
+        if timed.error is not None:
+            raise PassError(f"benchmark: the artifact could not be timed: {timed.error}")
+        per_batch: dict[str, Any] = {}
+        per_shape: dict[str, Any] = {}
+        for key, times in timed.times.items():
+            bs, seq = shapes[key]
+            if seq is None:
+                latencies = [round(t * 1e3, 4) for t in times]
+                per_batch[str(bs)] = {**latency_stats(times, bs), "latencies_ms": latencies}
+            else:
+                per_shape[f"{bs}x{seq}"] = {"batch": bs, "sequence": seq, **latency_stats(times, bs)}
         baselines = self._baselines(ctx, inputs, options, threads, lo, rng)
         metrics = {
             "threads": threads,
             "device": options["device"],
             "warmup": options["warmup"],
             "iterations": options["iterations"],
+            "isolation": timed.isolation,
+            **({"isolation_note": timed.note} if timed.note else {}),
             "batch": per_batch,
             "skipped_batch_sizes": skipped,
             **({"sequence": _sequence(ctx.signature), "batch_sequence": per_shape} if _sequence(ctx.signature) else {}),
@@ -140,41 +188,34 @@ class Benchmark(Pass):
         rng: np.random.Generator,
     ) -> dict[str, Any]:
         """``{"source" | "float": latency stats at the smallest batch}`` for the wired baselines, each
-        after its own warm-up; a baseline that cannot run is recorded with its ``error``."""
+        timed alone in its own process like the artifact; a baseline that cannot run is recorded
+        with its ``error``."""
         if batch != 1 and ctx.signature.inputs[0].batch_dim() is None:
             return {}
-        feeds = _feeds(ctx.signature, batch, None, rng)
-        out: dict[str, Any] = {}
         wanted = options.get("baselines")
         if wanted is None:
             wanted = ["source", "float"] if options["device"] == "cpu" else []
-        for name in ("source", "float"):
-            art = inputs.get(name) if name in wanted else None
-            if art is None or art.digest == inputs["artifact"].digest:
+        models = [
+            TimedModel(name, artifact=inputs[name])
+            for name in ("source", "float")
+            if name in wanted and name in inputs and inputs[name].digest != inputs["artifact"].digest
+        ]
+        if not models:
+            return {}
+        timed = time_models(
+            models, {"1": _feeds(ctx.signature, batch, None, rng)}, threads=threads, warmup=options["warmup"],
+            iterations=options["iterations"], device=options["device"], runners=ctx.runners,
+            scratch=ctx.scratch, progress=lambda msg, *a: ctx.progress(f"baseline {msg}", *a),
+        )
+        out: dict[str, Any] = {}
+        for m in models:
+            t, kind = timed[m.name], inputs[m.name].kind
+            if t.error is not None:  # a baseline is informative only; the build goes on
+                out[m.name] = {"kind": kind, "error": t.error}
                 continue
-            ctx.progress(f"baseline {name}: {options['iterations']} timed runs")
-            try:
-                runner = ctx.runners.make(art, device=options["device"], threads=threads)
-                for _ in range(options["warmup"]):
-                    runner.run(feeds)
-                times = _timed(runner, feeds, options["iterations"], ctx, f"baseline {name}")
-                del runner
-            except Exception as e:  # a baseline is informative only; the build goes on
-                out[name] = {"kind": art.kind, "error": f"{type(e).__name__}: {e}"}
-                continue
-            out[name] = {"kind": art.kind, "batch": batch, **latency_stats(times, batch)}
+            out[m.name] = {"kind": kind, "batch": batch, "isolation": t.isolation, **latency_stats(t.times["1"], batch)}
         return out
 
-
-def _timed(runner: Any, feeds: dict[str, np.ndarray], iterations: int, ctx: PassContext, what: str) -> list[float]:
-    """Per-iteration wall times in seconds (``time.perf_counter`` around each call)."""
-    times = []
-    for i in range(iterations):
-        t0 = time.perf_counter()
-        runner.run(feeds)
-        times.append(time.perf_counter() - t0)
-        ctx.progress(what, i + 1, iterations)
-    return times
 
 def _sequence(signature: Any) -> int | None:
     """The example size of the first input's axis named ``sequence`` (``None`` without one)."""

@@ -23,8 +23,6 @@ Accuracy-aware INT8 (see :mod:`accelc.passes.sensitivity` for the method):
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 import tempfile
 import time
@@ -40,15 +38,13 @@ from accelc.runners import default_threads
 from accelc.tolerances import TOLERANCES_SCHEMA
 
 from .bias_correction import recorded_correction
+from .calibration import collect_tables
 from .loading import load_arrays
 from .quantizer import (
-    ENTROPY_DEFAULT_BINS,
     FORMAT_OPTIONS,
     METHODS,
-    _Reader,
     quantize_model,
     quantized_op_types,
-    quiet_logger,
 )
 from .sensitivity import (
     Evaluator,
@@ -56,10 +52,13 @@ from .sensitivity import (
     _trial_record,
     _validation_evaluator,
     fallback_units,
+    only_unit_model,
     p50_latency_ms,
     quality_key,
     rank_units,
+    rank_units_sqnr,
     search_fallback,
+    sensitivity_label,
     trial_session,
 )
 
@@ -68,7 +67,8 @@ from .sensitivity import (
 #: They stay out of the cache key otherwise, so setting them on a plain pass reruns nothing.
 _AUTO_ONLY = ("candidates", "selection")
 _FALLBACK_ONLY = (
-    "max_fp32_nodes", "search", "sensitivity_samples", "tolerances", "batch_size", "latency_iterations", "runtime"
+    "max_fp32_nodes", "search", "sensitivity_samples", "sensitivity_method", "tolerances", "batch_size",
+    "latency_iterations", "runtime",
 )
 
 #: The option that names what runs the trials of ``calibrate: auto`` and ``quantize: fallback``.
@@ -85,6 +85,15 @@ _TOLERANCES_SCHEMA = TOLERANCES_SCHEMA
 
 
 
+
+
+def _slower_than_float(lat: dict[str, Any]) -> str | None:
+    """A sentence when the kept model's p50 is above the float model's (``None`` otherwise)."""
+    kept, fp32 = lat.get("kept_ms"), lat.get("fp32_ms")
+    if kept and fp32 and kept > fp32:
+        return (f"the kept model is slower than the float model at batch 1 ({kept:.3g} ms against {fp32:.3g} ms, "
+                "each timed alone): INT8 does not pay here; set verify.min_speedup to fail such builds")
+    return None
 
 
 class Calibrate(Pass):
@@ -106,7 +115,7 @@ class Calibrate(Pass):
     """
 
     name = "calibrate"
-    version = "3"
+    version = "4"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("data", ("calibration.data",)),
@@ -209,8 +218,9 @@ class Calibrate(Pass):
         data = load_arrays(inputs["data"])
         n = len(data[ctx.signature.names[0]])
         if options["method"] != "auto":
-            ranges = self._collect(ctx, inputs["model"].file, data, options["method"], options)
             from onnxruntime.quantization.calibrate import save_tensors_data
+
+            ranges = self._collect(ctx, inputs["model"].file, data, [options["method"]], options)[options["method"]]
 
             save_tensors_data(ranges, ctx.workdir / "calibration.json")
             return PassResult(
@@ -219,43 +229,15 @@ class Calibrate(Pass):
         return self._auto(ctx, inputs, data, options)
 
     def _collect(
-        self, ctx: PassContext, model: Path, data: dict[str, np.ndarray], method: str, options: dict[str, Any]
-    ) -> Any:
-        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
-        extra: dict[str, Any] = {"symmetric": options["symmetric"]}
-        if method == "minmax":
-            extra["moving_average"] = options["moving_average"]
-        if method == "percentile":
-            extra["percentile"] = options["percentile"]
-        if options.get("num_bins"):
-            extra["num_bins"] = options["num_bins"]
-        elif method == "entropy":
-            extra["num_bins"] = ENTROPY_DEFAULT_BINS
+        self, ctx: PassContext, model: Path, data: dict[str, np.ndarray], methods: list[str], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``{method: TensorsData}`` for ``methods``, from one streamed collection
+        (:func:`accelc.passes.calibration.collect_tables`)."""
         batch = min(options["batch_size"], ctx.signature.max_batch())
-        ctx.progress(f"calibrating ({method})")
-        with tempfile.TemporaryDirectory(prefix="accelc-calib-", dir=ctx.scratch) as tmp, quiet_logger("onnxruntime"):
-            try:
-                cal = create_calibrator(
-                    Path(model),
-                    None,
-                    augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                    calibrate_method=CalibrationMethod[METHODS[method]],
-                    extra_options=extra,
-                )
-                # the histogram calibrators print progress to stdout, which would tear the progress display
-                with contextlib.redirect_stdout(io.StringIO()):
-                    cal.collect_data(
-                        _Reader(
-                            data,
-                            ctx.signature.names,
-                            batch,
-                            lambda i, n: ctx.progress(f"calibrating ({method}): batches", i, n),
-                        )
-                    )
-                    return cal.compute_data()
-            except Exception as e:
-                raise PassError(f"calibrate ({method}): {type(e).__name__}: {e}") from e
+        ctx.progress(f"calibrating ({', '.join(methods)})")
+        return collect_tables(
+            model, data, ctx.signature.names, batch, methods, options, scratch=ctx.scratch, progress=ctx.progress
+        )
 
     def _auto(
         self, ctx: PassContext, inputs: dict[str, Artifact], data: dict[str, np.ndarray], options: dict[str, Any]
@@ -275,9 +257,13 @@ class Calibrate(Pass):
         tensors = 0
         with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-", dir=ctx.scratch) as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
+            clock = time.perf_counter()
+            collected = self._collect(ctx, inputs["model"].file, data, list(options["candidates"]), options)
+            timing = {"collect": time.perf_counter() - clock}
+            clock = time.perf_counter()
             for i, method in enumerate(options["candidates"]):
                 ctx.progress("calibration trials (one per method)", i, len(options["candidates"]))
-                ranges = self._collect(ctx, inputs["model"].file, data, method, options)
+                ranges = collected[method]
                 tensors = len(ranges.data)
                 table = tables / f"{method}.json"
                 save_tensors_data(ranges, table)
@@ -295,11 +281,12 @@ class Calibrate(Pass):
                 trials.append(rec)
                 models[method] = q
                 ctx.progress("calibration trials (one per method)", i + 1, len(options["candidates"]))
-            ctx.progress("latency of the trials, side by side")
+            timing["trials"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             lat = p50_latency_ms(
-                models, _latency_feeds(evaluator), default_threads(), sel.get("latency_iterations", 20),
-                session=evaluator.session,
+                ctx, models, _latency_feeds(evaluator), runtime, sel.get("latency_iterations", 20)
             )
+            timing["latency"] = time.perf_counter() - clock
         for rec in trials:
             rec["p50_ms"] = lat[rec["method"]]
         # max() keeps the first of equal keys: candidates are tried in the order given
@@ -320,6 +307,7 @@ class Calibrate(Pass):
                     "fp32_ms": lat["fp32"],
                     "kept_ms": lat[best["method"]],
                 },
+                "timing_s": {k: round(v, 2) for k, v in timing.items()},
                 "trials": trials,
             },
         )
@@ -349,17 +337,18 @@ class Quantize(Pass):
     top-1 agreement on a small set of near-tie samples need not do. ``max_fp32_nodes`` counts
     quantized nodes; an activation folded into a node (Clip, Relu) falls back with it and is
     not counted. Every trial is recorded
-    (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, measured
-    side by side with the float model), with ``sensitivity`` and ``latency`` (float, full
-    INT8 and kept model, p50 ms). The post-check fails the build when no trial met the
-    tolerances, naming the most sensitive nodes and what to change. Without ``fallback``
+    (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, each model timed
+    alone in a worker process, the float one too), with ``sensitivity`` and ``latency`` (float,
+    full INT8 and kept model, p50 ms; ``slower_than_float`` says so when the kept model is).
+    The post-check fails the build when no trial met the tolerances, naming the most sensitive
+    nodes and what to change. Without ``fallback``
     the pass only quantizes. ``runtime`` (set by lowering from the recipe) is what runs the
     trials, the sensitivity models and the latency: the accuracy the search accepts is the
     deployed runtime's.
     """
 
     name = "quantize"
-    version = "4"
+    version = "5"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("table", ("calibration.table",)),
@@ -396,6 +385,14 @@ class Quantize(Pass):
                 "minimum": 1,
                 "default": 16,
                 "description": "Calibration samples used to rank nodes by sensitivity.",
+            },
+            "sensitivity_method": {
+                "enum": ["one_at_a_time", "sqnr"],
+                "default": "one_at_a_time",
+                "description": "How nodes are ranked: 'one_at_a_time' (the output error of the float model with "
+                "only that node quantized, one model per node) or 'sqnr' (the noise each node adds inside the "
+                "full INT8 model, from one instrumented run: faster, but blind to how much later layers "
+                "amplify early noise).",
             },
             "tolerances": {
                 **_TOLERANCES_SCHEMA,
@@ -540,13 +537,12 @@ class Quantize(Pass):
                 lap("trials")
             chosen = kept or first
             shutil.copyfile(files[chosen["trial"]], out)
-            ctx.progress("latency of the trials, side by side")
             lat = p50_latency_ms(
+                ctx,
                 {"fp32": model_path, **{str(t): p for t, p in files.items()}},
                 _latency_feeds(evaluator),
-                default_threads(),
+                runtime,
                 options["latency_iterations"],
-                session=evaluator.session,
             )
             lap("latency")
         for rec in trials:
@@ -573,6 +569,10 @@ class Quantize(Pass):
             "sensitivity": ranking,
             **sens_info,
         }
+        slow = _slower_than_float(metrics["latency"])
+        if slow:
+            metrics["slower_than_float"] = slow
+            ctx.log.warning(slow)
         if kept is None:
             best = max(trials, key=lambda r: quality_key(r, tolerances))
             metrics["tolerance_failures"] = best["failures"]
@@ -602,34 +602,30 @@ class Quantize(Pass):
         # spread over the whole set: sets are often ordered by source image
         pick = np.unique(np.linspace(0, total - 1, min(options["sensitivity_samples"], total)).round().astype(int))
         arrays = {n: arrays[n][pick] for n in ctx.signature.names}
-        ctx.progress("sensitivity: float model outputs")
         rt, sess = validation.runtime, validation.session
         names, batch, threads = ctx.signature.names, validation.batch, validation.threads
-        probe = Evaluator(arrays, names, np.zeros(0), batch, threads, runtime=rt, session=sess)
-        float_out = probe.outputs(inputs["model"].file)
-        evaluator = Evaluator(arrays, names, float_out, batch, threads, runtime=rt, session=sess)
-        units = fallback_units(model, onnx.load(str(full)), quantized_op_types(options), options["nodes_to_exclude"])
-        only = tmp / "only.onnx"
-        ranking = rank_units(
-            units,
-            lambda nodes: quantize_model(
-                inputs["model"].file,
-                inputs["table"].file,
-                only,
-                options,
-                nodes_to_quantize=nodes,
-                calibration=arrays,
-                session=sess,
-            ),
-            evaluator,
-            ctx.progress,
-        )
+        float_out = arrays[names[0]]  # the samples analysed (for their count)
+        evaluator = None
+        if options.get("sensitivity_method") != "sqnr":
+            ctx.progress("sensitivity: float model outputs")
+            probe = Evaluator(arrays, names, np.zeros(0), batch, threads, runtime=rt, session=sess)
+            float_out = probe.outputs(inputs["model"].file)
+            evaluator = Evaluator(arrays, names, float_out, batch, threads, runtime=rt, session=sess)
+        qdq = onnx.load(str(full))
+        units = fallback_units(model, qdq, quantized_op_types(options), options["nodes_to_exclude"])
+        if options.get("sensitivity_method") == "sqnr":
+            ctx.progress("sensitivity: noise each node adds (one instrumented run)")
+            ranking = rank_units_sqnr(units, model, qdq, arrays, names, min(batch, 8), threads, sess)
+            method = "noise each node adds: output NSR minus input NSR, one run of the float and full INT8 models"
+        else:
+            ranking = rank_units(units, lambda u: only_unit_model(model, qdq, u), evaluator, ctx.progress)
+            method = "one node quantized at a time (as in the full INT8 model, bias correction included)"
         info = {
             "sensitivity_data": {
                 "set": source,
                 "samples": len(float_out),
                 "compared_with": "float ONNX model",
-                "method": "one node quantized at a time",
+                "method": method,
             }
         }
         return ranking, info
@@ -655,7 +651,7 @@ class Quantize(Pass):
         if not failures:
             return
         top = result_metrics.get("sensitivity", [])[:5]
-        ranked = ", ".join(f"{r['node']} ({r['op_type']}, cosine loss {r['cosine_loss']:.3g})" for r in top)
+        ranked = ", ".join(f"{r['node']} ({r['op_type']}, {sensitivity_label(r)})" for r in top)
         msg = f"INT8 misses the tolerances: {'; '.join(failures)}. Most sensitive nodes: {ranked or 'none'}"
         if options.get("fallback") != "auto":
             msg += (

@@ -139,17 +139,14 @@ def test_a_correction_that_moves_away_from_float_is_not_kept(models, monkeypatch
     import accelc.passes.bias_correction as bc
 
     fp, plain, _, cal, _, tmp = models
-    real = bc._channel_means
-    calls = []
+    real = bc._float_stats
+    bc._FLOAT_STATS.clear()
 
-    def wrong_reference(model, outputs, arrays, batch, threads, session=None):
-        means, samples = real(model, outputs, arrays, batch, threads, session)
-        calls.append(len(outputs))
-        if len(calls) == 1:  # the first call: the float references
-            means = [m + 1.0 for m in means]
-        return means, samples
+    def wrong_reference(*args, **kwargs):
+        means, out, samples = real(*args, **kwargs)
+        return {k: m + 1.0 for k, m in means.items()}, out, samples
 
-    monkeypatch.setattr(bc, "_channel_means", wrong_reference)
+    monkeypatch.setattr(bc, "_float_stats", wrong_reference)
     copy = tmp / "wrong.onnx"
     copy.write_bytes(plain.read_bytes())
     result = correct_bias(fp, copy, cal)
@@ -213,3 +210,35 @@ def test_bias_correction_rescues_most_of_the_wiped_channels_in_a_build(tmp_path)
         q = stage(outcome.report, "quantize")["metrics"]
         assert ("bias_correction" in q) is bc
     assert cosine[False] < 0.8 and cosine[True] > 0.99
+
+
+def test_one_run_measures_the_same_shifts_as_correcting_layer_by_layer(models):
+    """The in-graph re-centring (one run) equals the paper's sequential method: each layer measured
+    after every earlier layer's bias was corrected, one partial run per layer."""
+    from accelc.passes import bias_correction as bc
+
+    fp, plain, _, cal, _, _ = models
+    f, q = onnx.load(str(fp)), onnx.load(str(plain))
+    float_out = {n.name: n.output[0] for n in f.graph.node}
+    means, _, _ = bc._measure(f, [(float_out["conv1"], 4), (float_out["conv2"], 4), (float_out["fc"], 2)], cal, 8,
+                              1, None)
+    fmean = dict(zip(["conv1", "conv2", "fc"], means, strict=True))
+    layers = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm")]
+    one_run = bc._sequential_shifts(q, [(n, 4 if n.op_type == "Conv" else 2, fmean[n.name]) for n in layers], cal,
+                                    1, None)
+    # reference: correct layer by layer, each measured on the model with the earlier ones corrected
+    producer = {o: n for n in q.graph.node for o in n.output}
+    inits = {t.name: t for t in q.graph.initializer}
+    seq = []
+    for n in layers:
+        (mean,), _, _ = bc._measure(q, [(n.output[0], 4 if n.op_type == "Conv" else 2)], cal, 8, 1, None)
+        delta = fmean[n.name] - mean
+        seq.append(delta)
+        dq = producer[n.input[2]]
+        bias, scale = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(bias).astype(np.int64) + np.round(delta / scale).astype(np.int64)
+        bias.CopyFrom(numpy_helper.from_array(b.astype(np.int32), bias.name))
+    assert np.abs(seq[0]).max() > 0.04  # there is a shift to measure
+    for a, b in zip(one_run, seq, strict=True):
+        # equal up to the rounding of each correction to whole bias steps (input scale x weight scale)
+        assert np.allclose(a, b, atol=2e-3), (a, b)
