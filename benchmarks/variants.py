@@ -1,5 +1,5 @@
 """The variants ``benchmarks.compare`` times: each as a callable ``{input name: array} -> first output``
-(float32 numpy), built in the process that measures it."""
+(float32 numpy), built in the worker process that measures it (:func:`serve_call`)."""
 
 from __future__ import annotations
 
@@ -161,6 +161,15 @@ def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None
             raise Skip(spec.get("accelc_reason", "no artifact"))
         return AccelcCall(spec["accelc"], threads, device)
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def serve_call(variant: str, spec: dict[str, Any]) -> Callable[..., np.ndarray]:
+    """The ``serve`` worker's factory (``benchmarks.workers``): load the recipe named by
+    ``spec["recipe"]`` and return :func:`make_call` for ``variant``. Raises :class:`Skip`."""
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    return make_call(variant, spec, load_recipe(spec["recipe"], default_registry()))
 
 
 def time_block(call: Callable[..., Any], feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> list[float]:
