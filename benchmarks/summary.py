@@ -56,8 +56,9 @@ SCHEMA_VERSION = 2
 
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
-    """The order of the variants in timing round ``round_index``: ``names`` rotated by the round
-    index, so no variant always runs first (right after another's thread pool went idle) or last."""
+    """The order of the variants' worker processes in timing round ``round_index``: ``names``
+    rotated by the round index, so no variant always runs first, last, or right after the same
+    neighbour (a machine warmed or loaded by it)."""
     if not names:
         return []
     k = round_index % len(names)

@@ -81,7 +81,7 @@ class OpenVinoCall:
     left at the plugin's default, which on CPUs with bf16 support (AVX512-BF16, AMX) runs float
     ops in bf16: the quality columns show what that costs. ``precision`` sets
     ``INFERENCE_PRECISION_HINT`` (profiling an accelc IR at its recorded precision); ``profile``
-    turns on the per-layer counters (``PERF_COUNT``) read by :func:`profile_variants`."""
+    turns on the per-layer counters (``PERF_COUNT``) read by :func:`benchmarks.profiling.profile_variant`."""
 
     def __init__(
         self, path: str, threads: int, device: str, precision: str | None = None, profile: bool = False

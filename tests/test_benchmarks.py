@@ -217,7 +217,8 @@ def test_markdown_has_machine_table_targets_and_skips():
             "onnxruntime": "o",
         },
         "threads": 2,
-        "settings": {"rounds": 3, "iterations": 10, "throughput_iterations": 2, "quick": True},
+        "settings": {"rounds": 3, "iterations": 10, "throughput_iterations": 2, "warmup": 4, "throughput_warmup": 1,
+                     "quick": True},
         "conditions": "busy machine",
         "recipes": [
             S.finish_recipe(_recipe()),
@@ -227,6 +228,8 @@ def test_markdown_has_machine_table_targets_and_skips():
     md = S.render_markdown(doc)
     assert "Test CPU (family 25, model 17) (2 CPUs, AVX-512 VNNI), 2 threads" in md
     assert "quick smoke run" in md and "Conditions: busy machine" in md
+    assert "Each variant timed alone in a process of its own, 3 rounds alternating the processes" in md
+    assert "4 warm-up and 10 timed batch-1 calls, then 1 warm-up and 2 timed larger-batch calls" in md
     assert "| variant | bs1 p50 ms (range) |" in md
     assert "**resnet18_t4_int8**: skipped: no CUDA GPU" in md
     assert "- met: batch-1 p50 at least 8x faster than eager FP32" in md
