@@ -164,8 +164,12 @@ def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None
 
 
 def serve_call(variant: str, spec: dict[str, Any]) -> Callable[..., np.ndarray]:
-    """The ``serve`` worker's factory (``benchmarks.workers``): load the recipe named by
-    ``spec["recipe"]`` and return :func:`make_call` for ``variant``. Raises :class:`Skip`."""
+    """The ``serve`` worker's factory (``benchmarks.workers``): :func:`make_call` for ``variant``.
+    Only the torch variants load the recipe named by ``spec["recipe"]`` (loading a torchvision
+    recipe imports torch), so the ONNX Runtime and OpenVINO workers hold what a deployment of
+    that runtime holds and their peak memory is theirs. Raises :class:`Skip`."""
+    if variant not in ("eager", "compile"):
+        return make_call(variant, spec, recipe=None)
     from accelc.recipe import load_recipe
     from accelc.registry import default_registry
 

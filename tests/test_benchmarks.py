@@ -597,6 +597,32 @@ def test_compare_times_every_variant_in_its_own_process_on_a_tiny_model(tmp_path
         assert v[n]["throughput"]["batch"] == 4
         assert v[n]["quality"]["samples"] == 24
     assert v["eager"]["workers"][0]["threads_in_use"] == {"torch": 1}
-    assert v["ort_fp32"]["peak_rss_mib"] < v["eager"]["peak_rss_mib"]  # no torch in the ORT process
+    assert v["ort_fp32"]["workers"][0]["threads_in_use"] == {}  # torch never imported in the ORT process
+    assert v["ort_fp32"]["peak_rss_mib"] < v["eager"]["peak_rss_mib"]
     assert v["ort_fp32"]["quality"]["top1_agreement"] == 1.0 and v["ort_fp32"]["quality"]["cosine"] > 0.9999
     assert np.load(tmp_path / "work" / "outputs" / "ort_fp32-validation.npy").shape == (24, 10)
+
+
+def test_onnx_runtime_workers_do_not_load_the_recipe_so_torch_stays_out_of_their_memory(tmp_path):
+    """Loading a torchvision recipe imports torch; an ONNX Runtime worker must hold only what an ORT
+    deployment holds, so it builds its session from the spec's files alone."""
+    import numpy as np
+    from onnx import TensorProto, helper, save
+
+    V = _benchmarks("variants")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["output"])],
+        "relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    save(model, str(tmp_path / "relu.onnx"))
+    spec = {"recipe": str(tmp_path / "no-such-recipe.yaml"), "threads": 1, "device": "cpu",
+            "ort_fp32": str(tmp_path / "relu.onnx")}
+    call = V.serve_call("ort_fp32", spec)
+    out = call({"input": np.array([[-1.0, 0.5, 2.0]], np.float32)})
+    assert out.tolist() == [[0.0, 0.5, 2.0]]
+    with pytest.raises(Exception, match="no-such-recipe"):
+        V.serve_call("eager", spec)
