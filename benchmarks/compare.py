@@ -54,9 +54,11 @@ from benchmarks.profiling import gemm_peaks
 from benchmarks.summary import (
     COST_COLUMNS,
     LABELS,
+    LATENCY_COLUMNS,
     SCHEMA_VERSION,
-    SPEED_COLUMNS,
+    THROUGHPUT_COLUMNS,
     VARIANTS,
+    best_alternative_line,
     conv_gops,
     finding_lines,
     finish_recipe,
@@ -542,16 +544,23 @@ def print_recipe(console: Any, r: dict[str, Any], threads: int) -> None:
     if r["status"] != "ok":
         console.print(f"[yellow]{r['status']}[/] {escape(r['recipe'])}: {escape(r.get('reason', ''))}")
         return
-    for cols, title in ((SPEED_COLUMNS, "speed"), (COST_COLUMNS, "quality and cost")):
+    tables = (
+        (LATENCY_COLUMNS, "batch-1 latency"),
+        (THROUGHPUT_COLUMNS, f"throughput at batch {r.get('batch')}"),
+        (COST_COLUMNS, "quality and cost"),
+    )
+    for cols, title in tables:
         header, rows = table_rows(r, cols)
+        header = [h.removeprefix("bs1 ").removeprefix(f"bs{r.get('batch')} ") for h in header]  # in the title
         t = Table(title=f"{r['recipe']} ({r['device']}, {threads} threads): {title}", title_justify="left")
-        for i, h in enumerate(header):
-            t.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        longest_word = max((len(w) for row in rows for w in row[0].split()), default=8)
+        t.add_column(header[0], overflow="fold", min_width=longest_word)  # labels wrap at spaces, whole words
+        for i, h in enumerate(header[1:], 1):  # a column is never narrower than its numbers; headers wrap
+            t.add_column(h, justify="right", min_width=max((len(row[i]) for row in rows), default=1))
         for row in rows:
             t.add_row(*map(escape, row))
         console.print(t)
-    best = r["best_alternative"]
-    console.print(f"best alternative: {best['latency']} (batch-1 p50), {best['throughput']} (throughput)")
+    console.print(f"best alternative: {escape(best_alternative_line(r))}")
     for prefix, line in finding_lines(r):
         if prefix:
             style = "dim"
