@@ -8,18 +8,23 @@ For every selected recipe this script:
    ``torch.onnx.export(model, x, path)`` with torch's defaults (plus a dynamic batch axis, so the
    larger batch runs) and ``quantize_static(fp32, int8, reader)`` with ONNX Runtime's defaults,
    calibrated on the recipe's own calibration data;
-3. measures each variant's peak resident memory in a subprocess of its own (load, warm-up, a few
-   runs at both batch sizes); torch.compile's compile time with an empty and with a populated
-   inductor cache comes from the same subprocesses;
-4. loads every variant into this process, compares each with eager FP32 on the recipe's validation
-   data (top-1 agreement, cosine similarity: ``accelc.passes.verification.compare_outputs``), then
-   times them in alternated rounds: in round r every variant runs ``iterations`` timed batch-1 calls
-   (after a short warm-up), then every variant runs the larger batch, in an order rotated by r, so
-   machine drift hits all variants alike; the spread is the range of the per-round medians.
+3. saves the inputs (one batch-1 feed, one larger-batch feed, the recipe's validation data) and
+   times every variant alone in a worker process of its own (``benchmarks.workers``), alternating
+   the processes over rounds the way hyperfine alternates commands: round r starts one worker per
+   variant, in an order rotated by r (``summary.round_order``). Each worker loads its variant,
+   makes an untimed first call and warm-up calls, then ``iterations`` timed batch-1 calls, then
+   the same at the larger batch, and reports every call's time and its peak resident memory
+   (``VmHWM``). Process start, imports and model load are outside the timed calls. p50 is the
+   median of the per-round medians, the spread their range; torch.compile's first calls in round 1
+   (empty inductor cache) and round 2 (populated) are its cold and warm build times;
+4. compares each variant with eager FP32 on the validation data (top-1 agreement, cosine
+   similarity: ``accelc.passes.verification.compare_outputs``), from the outputs each variant's
+   first worker saved after its timed calls.
 
 Every variant gets the same thread count (``torch.set_num_threads``, ONNX Runtime's
-``intra_op_num_threads`` with ``inter_op_num_threads=1``), printed and recorded. Timed calls take
-numpy arrays in and return a numpy array, host copies included, for every variant alike.
+``intra_op_num_threads`` with ``inter_op_num_threads=1``, OpenVINO's ``INFERENCE_NUM_THREADS``),
+printed and recorded. Timed calls take numpy arrays in and return a numpy array, host copies
+included, for every variant alike.
 
 Run from the repository root::
 
@@ -30,7 +35,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -46,13 +50,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.profiling import count_macs, gemm_peaks, profile_variants
+from benchmarks.profiling import gemm_peaks
 from benchmarks.summary import (
     COST_COLUMNS,
     LABELS,
+    LATENCY_COLUMNS,
     SCHEMA_VERSION,
-    SPEED_COLUMNS,
+    THROUGHPUT_COLUMNS,
     VARIANTS,
+    best_alternative_line,
     conv_gops,
     finding_lines,
     finish_recipe,
@@ -60,13 +66,13 @@ from benchmarks.summary import (
     margin_stats,
     pixel_step_noise,
     render_markdown,
-    round_order,
+    rss_summary,
     table_rows,
     throughput_summary,
     to_json,
 )
-from benchmarks.variants import Skip, load_model, make_call, time_block
-from benchmarks.workers import REPO, SUBPROCESS_TIMEOUT_S, run_worker, worker_main
+from benchmarks.variants import Skip
+from benchmarks.workers import REPO, SUBPROCESS_TIMEOUT_S, Rounds, run_worker, save_feeds, time_in_processes
 
 RECIPES = REPO / "recipes"
 
@@ -74,22 +80,20 @@ RECIPES = REPO / "recipes"
 
 @dataclass(frozen=True)
 class Settings:
-    """How long to measure. ``iterations`` timed batch-1 calls and ``throughput_iterations`` timed
-    larger-batch calls per variant per round, each block after ``warmup`` untimed calls;
-    ``rss_iterations`` calls per batch size in the memory subprocess."""
+    """How long to measure: ``rounds`` rounds of one worker process per variant; in each process
+    ``warmup`` untimed then ``iterations`` timed batch-1 calls, then ``throughput_warmup`` untimed
+    and ``throughput_iterations`` timed larger-batch calls (each block after one untimed first call)."""
 
-    rounds: int = 10
-    iterations: int = 50
-    throughput_iterations: int = 5
-    warmup: int = 5
-    rss_iterations: int = 10
+    rounds: int = 5
+    iterations: int = 300
+    throughput_iterations: int = 10
+    warmup: int = 30
+    throughput_warmup: int = 2
     quick: bool = False
 
 
 FULL = Settings()
-QUICK = Settings(rounds=2, iterations=5, throughput_iterations=1, warmup=1, rss_iterations=2, quick=True)
-
-
+QUICK = Settings(rounds=2, iterations=5, throughput_iterations=1, warmup=1, throughput_warmup=1, quick=True)
 
 
 def build_accelc(recipe_path: Path, work: Path) -> dict[str, Any]:
@@ -181,30 +185,6 @@ def _empty_variant(name: str) -> dict[str, Any]:
 
 
 
-def alternate(
-    calls: dict[str, Callable[..., Any]],
-    feeds_1: dict[str, np.ndarray],
-    feeds_n: dict[str, np.ndarray],
-    settings: Settings,
-    progress: Callable[[str], None] = lambda _: None,
-) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
-    """Timing rounds: each round times every variant at batch 1, then every variant at the larger
-    batch, in :func:`round_order`. Returns per-variant, per-round call times (s) for both."""
-    lat: dict[str, list[list[float]]] = {k: [] for k in calls}
-    tput: dict[str, list[list[float]]] = {k: [] for k in calls}
-    for r in range(settings.rounds):
-        progress(f"timing round {r + 1}/{settings.rounds}")
-        order = round_order(list(calls), r)
-        for name in order:
-            gc.collect()
-            lat[name].append(time_block(calls[name], feeds_1, settings.warmup, settings.iterations))
-        for name in order:
-            gc.collect()
-            tput[name].append(time_block(calls[name], feeds_n, 1, settings.throughput_iterations))
-    return lat, tput
-
-
-
 def prepare_alternatives(
     recipe: Any,
     spec: dict[str, Any],
@@ -215,14 +195,14 @@ def prepare_alternatives(
 ) -> Path:
     """Export with torch's defaults, then ``quantize_static`` with ORT's defaults, each a timed
     subprocess; record the files (or why not) in ``spec`` and the times in ``vres``. Returns the
-    spec file the memory subprocesses read."""
+    spec file written for them."""
     export_s: float | None = None
     spec_file = work / "spec.json"
     if {"ort_fp32", "ov_fp32", "ort_int8_qs"} & set(vres):
         say("torch.onnx.export with defaults")
         spec_file.write_text(json.dumps({**spec, "out": str(work / "fp32.onnx")}))
         try:
-            _, export_s = run_worker(["--worker", "export", "--spec", str(spec_file)], env)
+            _, export_s = run_worker(["export", "--spec", str(spec_file)], env)
             spec["ort_fp32"] = str(work / "fp32.onnx")
             for name in ("ort_fp32", "ov_fp32"):
                 if name in vres:
@@ -241,7 +221,7 @@ def prepare_alternatives(
             say("quantize_static with defaults")
             spec_file.write_text(json.dumps({**spec, "fp32": spec["ort_fp32"], "out": str(work / "int8_qs.onnx")}))
             try:
-                _, quant_s = run_worker(["--worker", "quantize", "--spec", str(spec_file)], env)
+                _, quant_s = run_worker(["quantize", "--spec", str(spec_file)], env)
                 spec["ort_int8_qs"] = str(work / "int8_qs.onnx")
                 vres["ort_int8_qs"]["build"] = {
                     "cold_s": (export_s or 0.0) + quant_s,
@@ -252,31 +232,6 @@ def prepare_alternatives(
                 spec["ort_int8_qs_reason"] = f"quantize_static failed: {e}"
     spec_file.write_text(json.dumps(spec))
     return spec_file
-
-
-def measure_memory(
-    spec_file: Path, vres: dict[str, dict[str, Any]], env: dict[str, str], say: Callable[[str], None]
-) -> None:
-    """Each variant's peak RSS from a subprocess of its own; torch.compile runs twice, with an empty
-    and then a populated inductor cache, and its first calls' time is its build time (s)."""
-    for name, v in vres.items():
-        passes = ("cold", "warm") if name == "compile" else ("",)
-        for which in passes:
-            say(f"memory: {name} {which}".rstrip())
-            try:
-                r, _ = run_worker(["--worker", "serve", "--variant", name, "--spec", str(spec_file)], env)
-            except RuntimeError as e:
-                v["status"], v["reason"] = ("skipped" if str(e).startswith("skipped:") else "failed"), str(e)
-                break
-            v["peak_rss_mib"] = r["peak_rss_mib"]
-            v.setdefault("worker", {})[which or "run"] = r
-            if name == "compile":
-                compile_s = sum(r["first_call_s"].values())
-                v["build"][f"{which}_s"] = compile_s
-                v["build"]["note"] = (
-                    "first calls at batch 1 and the larger batch in a fresh process, "
-                    "empty (cold) then populated (warm) inductor cache; imports excluded"
-                )
 
 
 def bench_recipe(
@@ -327,7 +282,6 @@ def bench_recipe(
         "threads": threads,
         "device": device,
         "batch": big,
-        "rss_iterations": settings.rss_iterations,
     }
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
 
@@ -357,57 +311,58 @@ def bench_recipe(
                 "build's (a pass's options, version or packages changed in between, or a key is not deterministic)"
             )
 
-    # 2. the alternatives, prepared as a user would; 3. peak RSS per variant, one subprocess each
+    # 2. the alternatives, prepared as a user would
     spec_file = prepare_alternatives(recipe, spec, vres, work, env, say)
-    measure_memory(spec_file, vres, env, say)
+    spec = json.loads(spec_file.read_text())
+    for name, reason in pre_skips(vres, device).items():
+        vres[name]["status"], vres[name]["reason"] = "skipped", reason
 
-    # 4. everything in this process: quality, then alternated timing
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"]
-    say("loading every variant into one process")
+    # 3. the inputs every worker reads, saved once
     val_spec = recipe.data.get("validation")
     if val_spec is None:
         raise RuntimeError(f"{recipe.name}: the recipe has no validation data")
     val = reg.data_sources[val_spec["source"]].load(val_spec, recipe.signature)
     names = recipe.signature.names
     n_val = len(val[names[0]])
-    feeds_1 = {k: np.ascontiguousarray(val[k][:1]) for k in names}
+    inputs = work / "inputs"
     idx = np.arange(big) % n_val
-    feeds_n = {k: np.ascontiguousarray(val[k][idx]) for k in names}
-    model = load_model(recipe)
-    calls: dict[str, Callable[..., Any]] = {}
-    for name, v in vres.items():
-        if v["status"] != "ok":
-            continue
-        try:
-            calls[name] = make_call(name, spec, recipe, model=model)
-            calls[name](feeds_1)  # compile / session warm-up at both batch sizes, in timing order
-            calls[name](feeds_n)
-        except Exception as e:
-            v["status"], v["reason"] = ("skipped" if isinstance(e, Skip) else "failed"), _fail_reason(e)
-            calls.pop(name, None)
-    if "eager" not in calls:
-        raise RuntimeError(f"{recipe.name}: eager FP32, the reference, did not run: {vres['eager']['reason']}")
-
-    say(f"quality on {n_val} validation samples (batch {big})")
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in calls}
-    for s in range(0, n_val, big):
-        feeds = {k: np.ascontiguousarray(val[k][s : s + big]) for k in names}
-        for name, call in calls.items():
-            outs[name].append(call(feeds))
-    ref = np.concatenate(outs["eager"])
-    res["reference_margin"] = margin_stats(ref)
+    feed_sets = [
+        {"key": "latency", "batch": 1, "warmup": settings.warmup, "iterations": settings.iterations,
+         "path": str(save_feeds(inputs / "batch1.npz", {k: val[k][:1] for k in names}))},
+        {"key": "throughput", "batch": big, "warmup": settings.throughput_warmup,
+         "iterations": settings.throughput_iterations,
+         "path": str(save_feeds(inputs / f"batch{big}.npz", {k: val[k][idx] for k in names}))},
+    ]
+    validation = save_feeds(inputs / "validation.npz", {k: val[k] for k in names})
+    outputs = work / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    evaluate = {
+        name: [{"inputs": str(validation), "out": str(outputs / f"{name}-validation.npy"), "batch": big}]
+        for name in vres
+    }
     if "images" in val_spec and len(names) == 1 and val[names[0]].ndim == 4:
         from accelc.sources.data import IMAGENET_STD
 
-        say("noise floor: eager FP32 on inputs moved by half a pixel step")
         std = (val_spec.get("preprocess") or {}).get("std") or IMAGENET_STD
-        noisy = pixel_step_noise(val[names[0]], std)
-        out = np.concatenate(
-            [calls["eager"]({names[0]: noisy[s : s + big]}) for s in range(0, n_val, big)]
-        )
+        noisy = save_feeds(inputs / "noisy.npz", {names[0]: pixel_step_noise(val[names[0]], std)})
+        evaluate["eager"].append({"inputs": str(noisy), "out": str(outputs / "eager-noisy.npy"), "batch": big})
+
+    # 4. every variant timed alone in its own process, the processes alternated over rounds
+    shutil.rmtree(work / "inductor", ignore_errors=True)  # round 1's torch.compile starts cold
+    running = [name for name, v in vres.items() if v["status"] == "ok"]
+    wspec = {**spec, "feed_sets": feed_sets, "work": str(work)}
+    rounds = time_in_processes(running, wspec, settings.rounds, work / "workers", env, evaluate, say)
+    res["round_orders"] = rounds.orders
+    summarize_rounds(vres, rounds, big)
+    if not rounds.results.get("eager"):
+        raise RuntimeError(f"{recipe.name}: eager FP32, the reference, did not run: {vres['eager']['reason']}")
+
+    # 5. agreement, from the outputs each variant's first worker saved
+    say(f"quality on {n_val} validation samples (batch {big})")
+    ref = np.load(outputs / "eager-validation.npy")
+    res["reference_margin"] = margin_stats(ref)
+    if (outputs / "eager-noisy.npy").is_file():
+        out = np.load(outputs / "eager-noisy.npy")
         m = compare_outputs(ref, out)
         res["noise_floor"] = {
             "steps": 0.5,
@@ -416,31 +371,107 @@ def bench_recipe(
             "cosine": m["cosine"],
             "flipped": margin_stats(ref, out)["flipped"],
         }
-    for name in calls:
-        m = compare_outputs(ref, np.concatenate(outs[name]))
-        m["margin"] = margin_stats(ref, np.concatenate(outs[name]))
+    for name in rounds.results:
+        out = np.load(outputs / f"{name}-validation.npy")
+        m = compare_outputs(ref, out)
+        m["margin"] = margin_stats(ref, out)
         vres[name]["quality"] = {
             k: m[k] for k in ("samples", "top1_agreement", "cosine", "cosine_min", "max_abs_error", "margin")
         }
 
-    lat, tput = alternate(calls, feeds_1, feeds_n, settings, say)
-    for name in calls:
-        vres[name]["latency"] = latency_summary(lat[name])
-        vres[name]["throughput"] = throughput_summary(tput[name], big)
     if profile:
-        say("profiling batch 1")
-        prof = profile_variants(calls, spec, feeds_1, work, runs=max(20, settings.iterations))
-        res["macs"] = count_macs(model, feeds_1, names)
         if device == "cpu":
+            say("GEMM peaks")
             res["gemm_peaks"] = gemm_peaks(threads)
+        prof: dict[str, Any] = {}
+        pspec = work / "workers" / "profile.json"
+        pspec.write_text(json.dumps({**wspec, "profile_runs": max(20, settings.iterations // 5)}))
+        for name in rounds.results:
+            say(f"profiling {name} at batch 1 in its own process")
+            try:
+                r, _ = run_worker(["profile", "--variant", name, "--spec", str(pspec)], env)
+            except RuntimeError as e:
+                res["notes"].append(f"profile of {name} failed: {e}")
+                continue
+            if r.get("macs"):
+                res["macs"] = r["macs"]
+            if r.get("profile"):
+                prof[name] = r["profile"]
         for p in prof.values():
-            p["conv_gops"] = conv_gops(res["macs"], p.get("conv_min_ms"))
+            p["conv_gops"] = conv_gops(res.get("macs"), p.get("conv_min_ms"))
         res["profile"] = prof
     res["load_avg_end"] = os.getloadavg()
     for name, v in vres.items():
         if v["status"] != "ok":
             res["notes"].append(f"{name} {v['status']}: {v['reason']}")
     return finish_recipe(res)
+
+
+def pre_skips(vres: dict[str, dict[str, Any]], device: str) -> dict[str, str]:
+    """Variants known not to run here before any worker starts (``{name: reason}``): OpenVINO's
+    default on a non-CPU target, or without the openvino package."""
+    import importlib.util
+
+    out = {}
+    if "ov_fp32" in vres and vres["ov_fp32"]["status"] == "ok":
+        if device != "cpu":
+            out["ov_fp32"] = f"OpenVINO's CPU plugin runs on the CPU only (this target's device is {device})"
+        elif importlib.util.find_spec("openvino") is None:
+            out["ov_fp32"] = (
+                "the openvino package is not installed, so OpenVINO's default is not measured "
+                "(pip install the openvino version pinned in pyproject.toml)"
+            )
+    return out
+
+
+def _set_stats(times: list[float], batch: int) -> dict[str, float]:
+    a = np.asarray(times, dtype=np.float64) * 1e3
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "samples_per_s": float(batch / (a.mean() / 1e3)) if a.size and a.mean() > 0 else None,
+        "calls": int(a.size),
+    }
+
+
+def summarize_rounds(vres: dict[str, dict[str, Any]], rounds: Rounds, batch: int) -> None:
+    """Fill each variant's ``latency`` (batch 1), ``throughput`` (at ``batch``), ``peak_rss_mib``
+    (median over its workers; ``peak_rss`` has the range) and ``workers`` (per round: pid,
+    position in the round, load time, first-call times, per-process p50/p99, peak RSS) from the
+    rounds' worker results; failed or skipped variants get their status and reason. torch.compile's
+    build times are its first calls in round 1 (cold: empty inductor cache) and round 2 (warm)."""
+    for name, reason in rounds.failures.items():
+        if name in vres:
+            skipped = reason.startswith("skipped:")
+            vres[name]["status"] = "skipped" if skipped else "failed"
+            vres[name]["reason"] = reason.removeprefix("skipped:").strip()
+    for name, results in rounds.results.items():
+        if not results or name not in vres:
+            continue
+        v = vres[name]
+        v["latency"] = latency_summary([w["sets"]["latency"]["times_s"] for w in results])
+        v["throughput"] = throughput_summary([w["sets"]["throughput"]["times_s"] for w in results], batch)
+        v["peak_rss"] = rss_summary([w["peak_rss_mib"] for w in results])
+        v["peak_rss_mib"] = v["peak_rss"]["median"]
+        v["workers"] = [
+            {
+                **{k: w.get(k) for k in ("pid", "round", "position", "load_s", "wall_s", "threads", "threads_in_use",
+                                         "peak_rss_mib", "children_peak_rss_mib")},
+                "first_call_s": {key: st["first_call_s"] for key, st in w["sets"].items()},
+                "sets": {
+                    key: _set_stats(st["times_s"], 1 if key == "latency" else batch) for key, st in w["sets"].items()
+                },
+            }
+            for w in results
+        ]
+        if name == "compile":
+            first = [sum(w["first_call_s"].values()) for w in v["workers"]]
+            v["build"] = {
+                "cold_s": first[0],
+                "warm_s": first[1] if len(first) > 1 else None,
+                "note": "first calls at batch 1 and the larger batch in the first two rounds' processes, "
+                "empty (cold) then populated (warm) inductor cache; imports excluded",
+            }
 
 
 # --- the document -------------------------------------------------------------------------------------
@@ -513,16 +544,23 @@ def print_recipe(console: Any, r: dict[str, Any], threads: int) -> None:
     if r["status"] != "ok":
         console.print(f"[yellow]{r['status']}[/] {escape(r['recipe'])}: {escape(r.get('reason', ''))}")
         return
-    for cols, title in ((SPEED_COLUMNS, "speed"), (COST_COLUMNS, "quality and cost")):
+    tables = (
+        (LATENCY_COLUMNS, "batch-1 latency"),
+        (THROUGHPUT_COLUMNS, f"throughput at batch {r.get('batch')}"),
+        (COST_COLUMNS, "quality and cost"),
+    )
+    for cols, title in tables:
         header, rows = table_rows(r, cols)
+        header = [h.removeprefix("bs1 ").removeprefix(f"bs{r.get('batch')} ") for h in header]  # in the title
         t = Table(title=f"{r['recipe']} ({r['device']}, {threads} threads): {title}", title_justify="left")
-        for i, h in enumerate(header):
-            t.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        longest_word = max((len(w) for row in rows for w in row[0].split()), default=8)
+        t.add_column(header[0], overflow="fold", min_width=longest_word)  # labels wrap at spaces, whole words
+        for i, h in enumerate(header[1:], 1):  # a column is never narrower than its numbers; headers wrap
+            t.add_column(h, justify="right", min_width=max((len(row[i]) for row in rows), default=1))
         for row in rows:
             t.add_row(*map(escape, row))
         console.print(t)
-    best = r["best_alternative"]
-    console.print(f"best alternative: {best['latency']} (batch-1 p50), {best['throughput']} (throughput)")
+    console.print(f"best alternative: {escape(best_alternative_line(r))}")
     for prefix, line in finding_lines(r):
         if prefix:
             style = "dim"
@@ -558,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
         description="Build accelc's recipes and compare each artifact with eager PyTorch FP32, "
-        "torch.compile, ONNX Runtime FP32 and the quantize_static one-liner, in one run on the same inputs.",
+        "torch.compile, ONNX Runtime FP32, OpenVINO's default and the quantize_static one-liner, in one run on "
+        "the same inputs, each variant timed alone in a worker process of its own.",
     )
     ap.add_argument("--recipes", nargs="+", metavar="NAME", help="recipe names or files (default: all in recipes/)")
     ap.add_argument(
@@ -569,12 +608,15 @@ def main(argv: list[str] | None = None) -> int:
         help="variants to measure (eager, the reference, is always included)",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: few rounds and iterations; not for quoting")
-    ap.add_argument("--rounds", type=int, help=f"alternated timing rounds (default {FULL.rounds})")
-    ap.add_argument("--iterations", type=int, help=f"timed batch-1 calls per variant per round ({FULL.iterations})")
+    ap.add_argument(
+        "--rounds", type=int, help=f"rounds of one worker process per variant, alternated (default {FULL.rounds})"
+    )
+    ap.add_argument("--warmup", type=int, help=f"untimed batch-1 calls per process before the timed ({FULL.warmup})")
+    ap.add_argument("--iterations", type=int, help=f"timed batch-1 calls per process ({FULL.iterations})")
     ap.add_argument(
         "--throughput-iterations",
         type=int,
-        help=f"timed larger-batch calls per variant per round ({FULL.throughput_iterations})",
+        help=f"timed larger-batch calls per process ({FULL.throughput_iterations})",
     )
     ap.add_argument("--batch", type=int, help="the larger batch (default: the recipe's largest benchmark batch)")
     ap.add_argument("--threads", type=int, help="threads for every variant (default: the CPUs this process may use)")
@@ -599,12 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="measure nothing: print the tables of a saved JSON result and write its --markdown",
     )
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--variant", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.worker:
-        return worker_main(a.worker, a.variant, a.spec)
     if a.from_json:
         return rerender(a.from_json, a.markdown)
 
@@ -621,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds=a.rounds or base.rounds,
         iterations=a.iterations or base.iterations,
         throughput_iterations=a.throughput_iterations or base.throughput_iterations,
-        warmup=base.warmup,
-        rss_iterations=base.rss_iterations,
+        warmup=a.warmup or base.warmup,
+        throughput_warmup=base.throughput_warmup,
         quick=a.quick,
     )
     threads = a.threads or default_threads()
@@ -635,8 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {machine['onnxruntime']}, openvino {machine['openvino']}"
     )
     console.print(
-        f"threads: {threads} for every variant (torch.set_num_threads, ORT intra_op_num_threads; "
-        f"inter_op 1); settings: {settings}"
+        f"threads: {threads} for every variant (torch.set_num_threads, ORT intra_op_num_threads with "
+        f"inter_op 1, OpenVINO INFERENCE_NUM_THREADS); each variant timed alone in its own process, "
+        f"{settings.rounds} rounds alternating the processes; per process {settings.warmup} warm-up + "
+        f"{settings.iterations} timed batch-1 calls, {settings.throughput_warmup} + {settings.throughput_iterations} "
+        f"at the larger batch{' (quick: not for quoting)' if settings.quick else ''}"
     )
     work_root = a.workdir or Path(tempfile.mkdtemp(prefix="accelc-bench-"))
     doc: dict[str, Any] = {

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.summary import op_profile, ort_profile_summary, ov_profile_summary
-from benchmarks.variants import OpenVinoCall, OrtCall, Skip, ort_session_options, time_block
+from benchmarks.variants import OpenVinoCall, OrtCall, Skip, load_model, make_call, ort_session_options, time_block
 
 
 def count_macs(model: Any, feeds: dict[str, np.ndarray], names: list[str]) -> int:
@@ -85,31 +84,35 @@ def gemm_peaks(threads: int, repeats: int = 20, size: int = 1024) -> dict[str, f
     return out
 
 
-def profile_variants(
-    calls: dict[str, Callable[..., Any]],
+def profile_variant(
+    name: str,
     spec: dict[str, Any],
     feeds_1: dict[str, np.ndarray],
     work: Path,
     runs: int,
 ) -> dict[str, Any]:
-    """Where the batch-1 time goes, per operator type (``benchmarks.summary.op_profile``): ONNX
-    Runtime's node profile for the ONNX variants, OpenVINO's per-layer counters for the OpenVINO
-    ones (``benchmarks.summary.ov_profile_summary``), torch.profiler's top-level operators for
-    eager FP32 (each run inside a ``record_function`` so operators are matched across runs).
-    Times in ms per run; ``kernels_min_ms`` is the noise-robust sum of per-node minimums."""
-    out: dict[str, Any] = {}
-    ov_models: dict[str, tuple[str | None, str | None]] = {"ov_fp32": (spec.get("ort_fp32"), None)}
-    if spec.get("accelc") and spec["accelc"]["kind"] == "openvino.ir":
-        art = spec["accelc"]
-        precision = art.get("meta", {}).get("inference_precision", "f32")
-        ov_models["accelc"] = (str(Path(art["path"]) / art["main"]), precision)
-    for name, (path, precision) in ov_models.items():
-        if not path or name not in calls:
-            continue
+    """Where ``name``'s batch-1 time goes, per operator type (``benchmarks.summary.op_profile``),
+    run in a worker process of its own: ONNX Runtime's node profile for the ONNX variants,
+    OpenVINO's per-layer counters for the OpenVINO ones (``benchmarks.summary.ov_profile_summary``),
+    torch.profiler's top-level operators for eager FP32 (each run inside a ``record_function`` so
+    operators are matched across runs). Times in ms per run; ``kernels_min_ms`` is the noise-robust
+    sum of per-node minimums. Returns ``{"profile": summary | None (nothing to profile for this
+    variant, or it cannot run here), "macs": conv/linear MACs per sample (eager only) | None}``."""
+    threads, device = spec["threads"], spec["device"]
+    art = spec.get("accelc") or {}
+    ov_path: tuple[str | None, str | None] | None = None
+    if name == "ov_fp32":
+        ov_path = (spec.get("ort_fp32"), None)
+    elif name == "accelc" and art.get("kind") == "openvino.ir":
+        ov_path = (str(Path(art["path"]) / art["main"]), art.get("meta", {}).get("inference_precision", "f32"))
+    if ov_path is not None:
+        path, precision = ov_path
+        if not path:
+            return {"profile": None, "macs": None}
         try:
-            ov_call = OpenVinoCall(path, spec["threads"], spec["device"], precision=precision, profile=True)
+            ov_call = OpenVinoCall(path, threads, device, precision=precision, profile=True)
         except Skip:
-            continue
+            return {"profile": None, "macs": None}
         ov_call(feeds_1)  # the first, cold, run is left out
         infos, wall = [], []
         for _ in range(runs):
@@ -117,38 +120,44 @@ def profile_variants(
             ov_call(feeds_1)
             wall.append((time.perf_counter() - t0) * 1e3)
             infos.append(ov_call.request.profiling_info)
-        out[name] = ov_profile_summary(infos, wall)
-    onnx_paths = {"ort_fp32": spec.get("ort_fp32"), "ort_int8_qs": spec.get("ort_int8_qs")}
-    if spec.get("accelc") and spec["accelc"]["kind"].startswith("onnx"):
-        onnx_paths["accelc"] = str(Path(spec["accelc"]["path"]) / spec["accelc"]["main"])
-    for name, path in onnx_paths.items():
-        if not path or name not in calls:
-            continue
+        return {"profile": ov_profile_summary(infos, wall), "macs": None}
+    onnx_path = None
+    if name in ("ort_fp32", "ort_int8_qs"):
+        onnx_path = spec.get(name)
+    elif name == "accelc" and str(art.get("kind", "")).startswith("onnx"):
+        onnx_path = str(Path(art["path"]) / art["main"])
+    if onnx_path:
         try:
-            call = OrtCall(path, spec["threads"], spec["device"], profile_prefix=str(work / f"profile-{name}"))
+            call = OrtCall(onnx_path, threads, device, profile_prefix=str(work / f"profile-{name}"))
         except Skip:
-            continue
+            return {"profile": None, "macs": None}
         for _ in range(runs + 1):  # the first, cold, run is left out of the summary
             call(feeds_1)
-        out[name] = ort_profile_summary(json.loads(Path(call.session.end_profiling()).read_text()))
-    if "eager" in calls:
-        import torch
+        return {"profile": ort_profile_summary(json.loads(Path(call.session.end_profiling()).read_text())),
+                "macs": None}
+    if name != "eager":
+        return {"profile": None, "macs": None}
+    import torch
 
-        call = calls["eager"]
-        call(feeds_1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for i in range(runs):
-                with torch.profiler.record_function(f"bench-run-{i}"):
-                    call(feeds_1)
-        per_node: dict[tuple[str, str], list[float]] = {}
-        run_us = []
-        for e in prof.events():
-            if e.name.startswith("bench-run-"):
-                run_us.append(e.cpu_time_total)
-                for k, child in enumerate(e.cpu_children):
-                    per_node.setdefault((child.name, str(k)), []).append(child.cpu_time_total)
-        out["eager"] = op_profile(per_node, runs)
-        out["eager"]["run_ms"] = float(np.mean(run_us)) / 1e3 if run_us else None
-        out["eager"]["overhead_ms"] = None
-    return out
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
 
+    recipe = load_recipe(spec["recipe"], default_registry())
+    model = load_model(recipe)
+    eager = make_call("eager", spec, recipe, model=model)
+    eager(feeds_1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(runs):
+            with torch.profiler.record_function(f"bench-run-{i}"):
+                eager(feeds_1)
+    per_node: dict[tuple[str, str], list[float]] = {}
+    run_us = []
+    for e in prof.events():
+        if e.name.startswith("bench-run-"):
+            run_us.append(e.cpu_time_total)
+            for k, child in enumerate(e.cpu_children):
+                per_node.setdefault((child.name, str(k)), []).append(child.cpu_time_total)
+    out = op_profile(per_node, runs)
+    out["run_ms"] = float(np.mean(run_us)) / 1e3 if run_us else None
+    out["overhead_ms"] = None
+    return {"profile": out, "macs": count_macs(model, feeds_1, recipe.signature.names)}

@@ -35,7 +35,8 @@ LABELS: dict[str, str] = {
     "eager": "eager PyTorch FP32 (inference_mode)",
     "compile": "torch.compile FP32 (default mode)",
     "ort_fp32": "ONNX Runtime FP32 (default export)",
-    "ov_fp32": "OpenVINO CPU plugin on the default export (default precision)",
+    "ov_fp32": "OpenVINO's default: ov.Core().compile_model of the default FP32 export, only the thread count "
+    "and the LATENCY hint set (float ops run in bf16 on CPUs that have it)",
     "ort_int8_qs": "ONNX Runtime INT8 (quantize_static defaults)",
     "accelc": "accelc artifact",
 }
@@ -44,19 +45,20 @@ SHORT_LABELS: dict[str, str] = {
     "eager": "eager FP32",
     "compile": "torch.compile FP32",
     "ort_fp32": "ORT FP32",
-    "ov_fp32": "OpenVINO FP32",
+    "ov_fp32": "OpenVINO default",
     "ort_int8_qs": "ORT INT8 quantize_static",
     "accelc": "accelc",
 }
 BASELINE = "eager"
 CANDIDATE = "accelc"
 #: Version of the JSON document's layout; bump it when a key changes meaning.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
-    """The order of the variants in timing round ``round_index``: ``names`` rotated by the round
-    index, so no variant always runs first (right after another's thread pool went idle) or last."""
+    """The order of the variants' worker processes in timing round ``round_index``: ``names``
+    rotated by the round index, so no variant always runs first, last, or right after the same
+    neighbour (a machine warmed or loaded by it)."""
     if not names:
         return []
     k = round_index % len(names)
@@ -80,7 +82,7 @@ def latency_summary(rounds: Sequence[Sequence[float]]) -> dict[str, Any]:
       is that range relative to ``p50_ms``.
     - ``p99_ms``: 99th percentile of all iterations pooled (a single round has too few for a tail);
       ``p99_min_ms`` / ``p99_max_ms`` are the per-round 99th percentiles' range.
-    - ``mean_ms``, ``rounds``, ``iterations`` (pooled count).
+    - ``mean_ms``, ``rounds``, ``iterations`` (pooled count), ``p50_per_round_ms``.
 
     Percentiles are numpy's linear interpolation, as in accelc's ``benchmark`` pass.
     Raises ValueError when no round holds a timing.
@@ -102,6 +104,7 @@ def latency_summary(rounds: Sequence[Sequence[float]]) -> dict[str, Any]:
         "mean_ms": float(pooled.mean()),
         "rounds": len(arrays),
         "iterations": int(pooled.size),
+        "p50_per_round_ms": [float(x) for x in p50s],
     }
 
 
@@ -121,6 +124,15 @@ def throughput_summary(rounds: Sequence[Sequence[float]], batch: int) -> dict[st
         "rounds": len(per_round),
         "iterations": int(sum(len(r) for r in rounds)),
     }
+
+
+def rss_summary(values: Sequence[float]) -> dict[str, Any]:
+    """Peak resident memory over the rounds' worker processes (MiB): ``median``, ``min``, ``max``.
+    Raises ValueError when empty."""
+    if not len(values):
+        raise ValueError("no peak RSS values")
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()), "rounds": int(a.size)}
 
 
 def ratio(reference: float | None, value: float | None, higher_is_better: bool) -> float | None:
@@ -332,6 +344,17 @@ COLUMNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 }
 SPEED_COLUMNS = tuple(list(COLUMNS)[:7])
 COST_COLUMNS = tuple(list(COLUMNS)[7:])
+#: The speed columns split in two, so each terminal table fits 80 columns without breaking a number.
+LATENCY_COLUMNS = SPEED_COLUMNS[:4]
+THROUGHPUT_COLUMNS = SPEED_COLUMNS[4:]
+
+
+def best_alternative_line(recipe: Mapping[str, Any]) -> str:
+    """``"OpenVINO default (batch-1 latency), ORT FP32 (throughput)"``: the best alternatives by
+    their row labels (a dash where none was measured)."""
+    best = recipe.get("best_alternative") or {}
+    label = {k: SHORT_LABELS.get(v, v) if v else DASH for k, v in best.items()}
+    return f"{label.get('latency', DASH)} (batch-1 latency), {label.get('throughput', DASH)} (throughput)"
 
 
 def table_rows(recipe: Mapping[str, Any], columns: Sequence[str] = tuple(COLUMNS)) -> tuple[list[str], list[list[str]]]:
@@ -380,8 +403,10 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         f"{doc.get('threads', '?')} threads for every variant; "
         f"torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')}"
         f"{', openvino ' + m['openvino'] if m.get('openvino') else ''}. "
-        f"{s.get('rounds', '?')} alternated rounds of {s.get('iterations', '?')} batch-1 runs and "
-        f"{s.get('throughput_iterations', '?')} larger-batch runs per variant"
+        f"Each variant timed alone in a process of its own, {s.get('rounds', '?')} rounds alternating the "
+        f"processes (order rotated each round); per process {s.get('warmup', '?')} warm-up and "
+        f"{s.get('iterations', '?')} timed batch-1 calls, then {s.get('throughput_warmup', '?')} warm-up and "
+        f"{s.get('throughput_iterations', '?')} timed larger-batch calls"
         f"{' (quick smoke run: not for quoting)' if s.get('quick') else ''}.",
     ]
     out.append("")
@@ -403,9 +428,8 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         )
         out.append("")
         out.append(markdown_table(*table_rows(r)))
-        best = r.get("best_alternative", {})
         out.append("")
-        out.append(f"Best alternative: {best.get('latency')} (batch-1 latency), {best.get('throughput')} (throughput).")
+        out.append(f"Best alternative: {best_alternative_line(r)}.")
         out += [f"- {prefix}{line}" for prefix, line in finding_lines(r)]
     return "\n".join(out) + "\n"
 

@@ -1,5 +1,5 @@
 """The variants ``benchmarks.compare`` times: each as a callable ``{input name: array} -> first output``
-(float32 numpy), built in the process that measures it."""
+(float32 numpy), built in the worker process that measures it (:func:`serve_call`)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class OpenVinoCall:
     left at the plugin's default, which on CPUs with bf16 support (AVX512-BF16, AMX) runs float
     ops in bf16: the quality columns show what that costs. ``precision`` sets
     ``INFERENCE_PRECISION_HINT`` (profiling an accelc IR at its recorded precision); ``profile``
-    turns on the per-layer counters (``PERF_COUNT``) read by :func:`profile_variants`."""
+    turns on the per-layer counters (``PERF_COUNT``) read by :func:`benchmarks.profiling.profile_variant`."""
 
     def __init__(
         self, path: str, threads: int, device: str, precision: str | None = None, profile: bool = False
@@ -161,6 +161,19 @@ def make_call(variant: str, spec: dict[str, Any], recipe: Any, model: Any = None
             raise Skip(spec.get("accelc_reason", "no artifact"))
         return AccelcCall(spec["accelc"], threads, device)
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def serve_call(variant: str, spec: dict[str, Any]) -> Callable[..., np.ndarray]:
+    """The ``serve`` worker's factory (``benchmarks.workers``): :func:`make_call` for ``variant``.
+    Only the torch variants load the recipe named by ``spec["recipe"]`` (loading a torchvision
+    recipe imports torch), so the ONNX Runtime and OpenVINO workers hold what a deployment of
+    that runtime holds and their peak memory is theirs. Raises :class:`Skip`."""
+    if variant not in ("eager", "compile"):
+        return make_call(variant, spec, recipe=None)
+    from accelc.recipe import load_recipe
+    from accelc.registry import default_registry
+
+    return make_call(variant, spec, load_recipe(spec["recipe"], default_registry()))
 
 
 def time_block(call: Callable[..., Any], feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> list[float]:

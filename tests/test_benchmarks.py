@@ -1,10 +1,14 @@
-"""The comparison benchmark's pure helpers (benchmarks/summary.py): statistics, ratios, targets,
-table, Markdown and JSON shapes, on small fake data. Nothing here is timed."""
+"""The comparison benchmark: its pure helpers (benchmarks/summary.py: statistics, ratios, targets,
+table, Markdown and JSON shapes) on small fake data, and its per-process timing (benchmarks/workers.py,
+benchmarks/compare.py, benchmarks/transformer_variants.py) with fake workers, an in-process worker
+and one run of real worker processes on a tiny model. No timing is asserted."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +27,20 @@ def _load_summary():
 
 
 S = _load_summary()
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmarks(module: str):
+    """``benchmarks.<module>``, with the ``benchmarks`` package imported from its folder by path
+    (as for ``_load_summary``: the repo root does not go on sys.path)."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", BENCHMARKS / "__init__.py", submodule_search_locations=[str(BENCHMARKS)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"benchmarks.{module}")
 
 
 def _variant(p50_ms: float, tput: float, top1: float = 1.0, **extra):
@@ -199,7 +217,8 @@ def test_markdown_has_machine_table_targets_and_skips():
             "onnxruntime": "o",
         },
         "threads": 2,
-        "settings": {"rounds": 3, "iterations": 10, "throughput_iterations": 2, "quick": True},
+        "settings": {"rounds": 3, "iterations": 10, "throughput_iterations": 2, "warmup": 4, "throughput_warmup": 1,
+                     "quick": True},
         "conditions": "busy machine",
         "recipes": [
             S.finish_recipe(_recipe()),
@@ -209,6 +228,8 @@ def test_markdown_has_machine_table_targets_and_skips():
     md = S.render_markdown(doc)
     assert "Test CPU (family 25, model 17) (2 CPUs, AVX-512 VNNI), 2 threads" in md
     assert "quick smoke run" in md and "Conditions: busy machine" in md
+    assert "Each variant timed alone in a process of its own, 3 rounds alternating the processes" in md
+    assert "4 warm-up and 10 timed batch-1 calls, then 1 warm-up and 2 timed larger-batch calls" in md
     assert "| variant | bs1 p50 ms (range) |" in md
     assert "**resnet18_t4_int8**: skipped: no CUDA GPU" in md
     assert "- met: batch-1 p50 at least 8x faster than eager FP32" in md
@@ -327,7 +348,7 @@ def test_profile_lines_compare_convolutions_with_the_matching_gemm_peak():
     # bf16 kernels beat the FP32 peak by design: no percentage against it
     bf16_ops = [{"op": "Convolution (bf16)", "ms": 2.6, "min_ms": 2.4}]
     r["profile"]["ov_fp32"] = {**r["profile"]["accelc"], "ops": bf16_ops}
-    ov = next(line for line in S.profile_lines(r) if line.startswith("OpenVINO FP32"))
+    ov = next(line for line in S.profile_lines(r) if line.startswith("OpenVINO default"))
     assert "convolutions 400 GOP/s" in ov and "% of the GEMM peak" not in ov
 
 
@@ -376,3 +397,232 @@ def test_noise_floor_is_reported_under_the_table():
         "resized image to uint8 does): top-1 agreement 0.865, cosine 0.9965, 13/96 samples flip"
     ]
     assert S.noise_floor_line({}) == []
+
+
+# --- each variant timed alone in a worker process of its own ---------------------------------------------
+
+
+def _worker_result(pid: int, latency_ms: list[float], throughput_ms: list[float], rss: float, first=(0.5, 0.25)):
+    return {
+        "pid": pid,
+        "load_s": 0.1,
+        "threads": 2,
+        "threads_in_use": {},
+        "sets": {
+            "latency": {"first_call_s": first[0], "times_s": [t / 1e3 for t in latency_ms], "peak_rss_mib": rss},
+            "throughput": {"first_call_s": first[1], "times_s": [t / 1e3 for t in throughput_ms], "peak_rss_mib": rss},
+        },
+        "peak_rss_mib": rss,
+        "children_peak_rss_mib": 0.0,
+        "outputs": [],
+    }
+
+
+def test_time_in_processes_starts_one_worker_per_variant_per_round_in_rotated_order(tmp_path):
+    W = _benchmarks("workers")
+    calls = []
+
+    def fake_run(args, env):
+        spec = json.loads(Path(args[args.index("--spec") + 1]).read_text())
+        name = args[args.index("--variant") + 1]
+        calls.append((spec["round"], name, bool(spec["evaluate"])))
+        if name == "c" and spec["round"] == 1:
+            raise RuntimeError("ValueError: broke in its second process")
+        if name == "d":
+            raise RuntimeError("skipped: the openvino package is not installed")
+        return _worker_result(1000 + len(calls), [1.0], [2.0], 10.0), 0.5
+
+    evaluate = {n: [{"inputs": "x.npz", "out": f"{n}.npy", "batch": 2}] for n in "abcd"}
+    r = W.time_in_processes(["a", "b", "c", "d"], {"threads": 2}, 3, tmp_path, evaluate=evaluate, run=fake_run)
+    assert r.orders == [["a", "b", "c", "d"], ["b", "c", "a"], ["a", "b"]]
+    assert [(rnd, n) for rnd, n, _ in calls] == [(0, "a"), (0, "b"), (0, "c"), (0, "d"), (1, "b"), (1, "c"),
+                                                 (1, "a"), (2, "a"), (2, "b")]
+    assert all(ev == (rnd == 0) for rnd, _, ev in calls)  # outputs are saved by the first round's worker only
+    assert r.failures == {"c": "round 2: ValueError: broke in its second process",
+                          "d": "skipped: the openvino package is not installed"}
+    assert set(r.results) == {"a", "b"}
+    assert [w["position"] for w in r.results["a"]] == [0, 2, 0]
+    assert len({w["pid"] for ws in r.results.values() for w in ws}) == 6
+
+
+def test_summarize_rounds_reports_median_of_per_round_medians_and_each_worker():
+    C = _benchmarks("compare")
+    W = _benchmarks("workers")
+    rounds = W.Rounds(
+        orders=[["eager", "compile"], ["compile", "eager"], ["eager", "compile"]],
+        results={
+            "eager": [
+                {**_worker_result(11, [20, 21, 22], [100, 100], 500.0), "round": 0, "position": 0},
+                {**_worker_result(12, [30, 30, 30], [200, 200], 520.0), "round": 1, "position": 1},
+                {**_worker_result(13, [25, 26, 90], [100, 300], 510.0), "round": 2, "position": 0},
+            ],
+            "compile": [
+                {**_worker_result(21, [5], [40], 900.0, first=(60.0, 30.0)), "round": 0, "position": 1},
+                {**_worker_result(22, [6], [40], 800.0, first=(2.0, 1.0)), "round": 1, "position": 0},
+                {**_worker_result(23, [7], [40], 850.0, first=(2.5, 1.0)), "round": 2, "position": 1},
+            ],
+        },
+        failures={"ov_fp32": "skipped: the openvino package is not installed"},
+    )
+    vres = {name: C._empty_variant(name) for name in ("eager", "compile", "ov_fp32")}
+    C.summarize_rounds(vres, rounds, batch=8)
+    lat = vres["eager"]["latency"]
+    assert lat["p50_per_round_ms"] == pytest.approx([21.0, 30.0, 26.0])
+    assert lat["p50_ms"] == pytest.approx(26.0)
+    assert (lat["p50_min_ms"], lat["p50_max_ms"]) == pytest.approx((21.0, 30.0))
+    assert lat["rounds"] == 3 and lat["iterations"] == 9
+    tput = vres["eager"]["throughput"]
+    assert tput["samples_per_s"] == pytest.approx(40.0)  # rounds: 8 / 0.1 s, 8 / 0.2 s, 8 / 0.2 s
+    assert (tput["min"], tput["max"]) == pytest.approx((40.0, 80.0))
+    assert vres["eager"]["peak_rss_mib"] == pytest.approx(510.0)
+    assert (vres["eager"]["peak_rss"]["min"], vres["eager"]["peak_rss"]["max"]) == (500.0, 520.0)
+    assert [w["pid"] for w in vres["eager"]["workers"]] == [11, 12, 13]
+    assert [w["position"] for w in vres["eager"]["workers"]] == [0, 1, 0]
+    assert vres["eager"]["workers"][2]["sets"]["latency"]["p50_ms"] == pytest.approx(26.0)
+    assert vres["compile"]["build"]["cold_s"] == pytest.approx(90.0)  # first round: empty inductor cache
+    assert vres["compile"]["build"]["warm_s"] == pytest.approx(3.0)
+    assert vres["ov_fp32"]["status"] == "skipped"
+    assert vres["ov_fp32"]["reason"] == "the openvino package is not installed"
+
+
+def test_openvino_default_is_offered_on_cpu_recipes_and_skipped_with_a_reason_without_openvino(monkeypatch):
+    C = _benchmarks("compare")
+    vres = {name: C._empty_variant(name) for name in S.VARIANTS}
+    assert "ov_fp32" in S.VARIANTS
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    reasons = C.pre_skips(vres, "cpu")
+    assert list(reasons) == ["ov_fp32"] and "openvino package is not installed" in reasons["ov_fp32"]
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("openvino") is not None:
+        assert C.pre_skips(vres, "cpu") == {}
+    assert "CPU only" in C.pre_skips(vres, "cuda")["ov_fp32"]
+
+
+def test_worker_serve_times_each_feed_set_after_a_first_call_and_warm_up_and_saves_outputs(tmp_path, monkeypatch):
+    import numpy as np
+
+    W = _benchmarks("workers")
+    (tmp_path / "fake_factory.py").write_text(
+        "import numpy as np\n"
+        "CALLS = []\n"
+        "def make(variant, spec):\n"
+        "    def call(feeds):\n"
+        "        CALLS.append(len(feeds['x']))\n"
+        "        return feeds['x'].sum(axis=1, keepdims=True) * 2\n"
+        "    return call\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x1 = W.save_feeds(tmp_path / "b1.npz", {"x": np.ones((1, 3), np.float32)})
+    x4 = W.save_feeds(tmp_path / "b4.npz", {"x": np.ones((4, 3), np.float32)})
+    val = np.arange(30, dtype=np.float32).reshape(10, 3)
+    xv = W.save_feeds(tmp_path / "val.npz", {"x": val})
+    spec = {
+        "factory": "fake_factory:make",
+        "threads": 2,
+        "round": 0,
+        "feed_sets": [
+            {"key": "latency", "path": str(x1), "warmup": 3, "iterations": 7},
+            {"key": "throughput", "path": str(x4), "warmup": 1, "iterations": 2},
+        ],
+        "evaluate": [{"inputs": str(xv), "out": str(tmp_path / "out.npy"), "batch": 4}],
+    }
+    res = W.worker_serve("v", spec)
+    calls = importlib.import_module("fake_factory").CALLS
+    assert calls == [1] * (1 + 3 + 7) + [4] * (1 + 1 + 2) + [4, 4, 2]
+    assert len(res["sets"]["latency"]["times_s"]) == 7 and len(res["sets"]["throughput"]["times_s"]) == 2
+    assert res["pid"] == os.getpid() and res["round"] == 0
+    assert res["peak_rss_mib"] > 0
+    assert np.array_equal(np.load(tmp_path / "out.npy"), val.sum(axis=1, keepdims=True) * 2)
+
+
+def test_transformer_variants_use_the_same_workers_one_process_per_variant_per_round(tmp_path):
+    T = _benchmarks("transformer_variants")
+    seen = []
+
+    def fake_run(args, env):
+        spec = json.loads(Path(args[args.index("--spec") + 1]).read_text())
+        name = args[args.index("--variant") + 1]
+        seen.append((spec["round"], name, spec["factory"], [fs["key"] for fs in spec["feed_sets"]]))
+        if name == "accelc":
+            raise RuntimeError("skipped: " + spec["reasons"]["accelc"])
+        base = {"eager": 10.0, "ort_fp32": 2.0}[name] * (1 + spec["round"])
+        sets = {fs["key"]: {"first_call_s": 0.1, "times_s": [base / 1e3] * 3, "peak_rss_mib": 1.0}
+                for fs in spec["feed_sets"]}
+        return {"pid": 100 + len(seen), "sets": sets, "peak_rss_mib": 50.0 + len(seen), "outputs": []}, 0.1
+
+    prepared = {
+        "files": {"ort_fp32": "m.onnx"},
+        "reasons": {"accelc": "no --artifact given"},
+        "feed_paths": {T.shape_key(b, s): f"{b}-{s}.npz" for b, s in T.SHAPES},
+    }
+    rows = T.bench(["eager", "ort_fp32", "accelc"], prepared, tmp_path, threads=2, rounds=3, warmup=1, iterations=3,
+                   run=fake_run)
+    assert [(r, n) for r, n, _, _ in seen] == [(0, "eager"), (0, "ort_fp32"), (0, "accelc"), (1, "ort_fp32"),
+                                               (1, "eager"), (2, "eager"), (2, "ort_fp32")]
+    assert {f for _, _, f, _ in seen} == {T.FACTORY}
+    assert all(keys == [T.shape_key(b, s) for b, s in T.SHAPES] for _, _, _, keys in seen)
+    eager = [r for r in rows if r["variant"] == "eager"]
+    assert [(r["batch"], r["sequence"]) for r in eager] == list(T.SHAPES)
+    assert eager[0]["p50_ms"] == pytest.approx(20.0)  # per-round medians 10, 20, 30
+    assert (eager[0]["p50_min_ms"], eager[0]["p50_max_ms"]) == pytest.approx((10.0, 30.0))
+    assert eager[0]["pids"] == [101, 105, 106] and eager[0]["rounds"] == 3
+    assert {"variant": "accelc", "skipped": "no --artifact given"} in rows
+
+
+def test_compare_times_every_variant_in_its_own_process_on_a_tiny_model(tmp_path):
+    """One real run: workers are subprocesses, one per variant per round, rotated; peak memory and
+    agreement come from them (the ONNX Runtime workers never import torch)."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from builders import write_tiny_recipe
+
+    C = _benchmarks("compare")
+    names = ["eager", "ort_fp32"] + (["ov_fp32"] if importlib.util.find_spec("openvino") else [])
+    recipe = write_tiny_recipe(tmp_path / "recipe")
+    settings = C.Settings(rounds=2, iterations=4, throughput_iterations=2, warmup=1, throughput_warmup=1, quick=True)
+    r = C.bench_recipe(recipe, settings, 1, names, tmp_path / "work", None, False, lambda _: None)
+    assert r["status"] == "ok"
+    assert r["round_orders"] == [S.round_order(names, 0), S.round_order(names, 1)]
+    v = r["variants"]
+    pids = [w["pid"] for n in names for w in v[n]["workers"]]
+    assert len(pids) == 2 * len(names) and len(set(pids)) == len(pids) and os.getpid() not in pids
+    for n in names:
+        assert v[n]["status"] == "ok", v[n]["reason"]
+        assert [w["round"] for w in v[n]["workers"]] == [0, 1]
+        assert [w["position"] for w in v[n]["workers"]] == [r["round_orders"][k].index(n) for k in (0, 1)]
+        assert v[n]["latency"]["rounds"] == 2 and v[n]["latency"]["iterations"] == 8
+        assert v[n]["latency"]["p50_ms"] == pytest.approx(float(np.median(v[n]["latency"]["p50_per_round_ms"])))
+        assert v[n]["throughput"]["batch"] == 4
+        assert v[n]["quality"]["samples"] == 24
+    assert v["eager"]["workers"][0]["threads_in_use"] == {"torch": 1}
+    assert v["ort_fp32"]["workers"][0]["threads_in_use"] == {}  # torch never imported in the ORT process
+    assert v["ort_fp32"]["peak_rss_mib"] < v["eager"]["peak_rss_mib"]
+    assert v["ort_fp32"]["quality"]["top1_agreement"] == 1.0 and v["ort_fp32"]["quality"]["cosine"] > 0.9999
+    assert np.load(tmp_path / "work" / "outputs" / "ort_fp32-validation.npy").shape == (24, 10)
+
+
+def test_onnx_runtime_workers_do_not_load_the_recipe_so_torch_stays_out_of_their_memory(tmp_path):
+    """Loading a torchvision recipe imports torch; an ONNX Runtime worker must hold only what an ORT
+    deployment holds, so it builds its session from the spec's files alone."""
+    import numpy as np
+    from onnx import TensorProto, helper, save
+
+    V = _benchmarks("variants")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["output"])],
+        "relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    save(model, str(tmp_path / "relu.onnx"))
+    spec = {"recipe": str(tmp_path / "no-such-recipe.yaml"), "threads": 1, "device": "cpu",
+            "ort_fp32": str(tmp_path / "relu.onnx")}
+    call = V.serve_call("ort_fp32", spec)
+    out = call({"input": np.array([[-1.0, 0.5, 2.0]], np.float32)})
+    assert out.tolist() == [[0.0, 0.5, 2.0]]
+    with pytest.raises(Exception, match="no-such-recipe"):
+        V.serve_call("eager", spec)
