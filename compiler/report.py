@@ -234,6 +234,24 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     return w
 
 
+def build_time_markdown(report: dict[str, Any]) -> list[str]:
+    """Where the build's time went: each stage that ran (not cached), its seconds and share of the
+    stages' total, and the phases a pass timed itself (``timing_s``: calibration collection,
+    trials, sensitivity, latency), largest first."""
+    ran = [s for s in report["stages"] if not s["cached"] and s["seconds"] > 0]
+    if not ran:
+        return ["", "## Build time", "", "Every stage came from the cache."]
+    total = sum(s["seconds"] for s in report["stages"])
+    lines = ["", "## Build time", "",
+             f"{total:.1f} s in the stages ({len(ran)} run, {len(report['stages']) - len(ran)} cached), "
+             "largest first:", "", "| stage | seconds | share | phases (s) |", "|---|---|---|---|"]
+    for st in sorted(ran, key=lambda s: -s["seconds"]):
+        phases = (st.get("metrics") or {}).get("timing_s") or {}
+        text = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| `{st['node']}` | {st['seconds']:.2f} | {st['seconds'] / total:.0%} | {text} |")
+    return lines
+
+
 def headline(report: dict[str, Any]) -> str:
     """One line: precision, batch-1 speed-ups over the source model and the FP32 ONNX model, agreement.
 
@@ -363,6 +381,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
                 lines.append(f"| {label} | {v['kind']} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {up} |")
     if "latency_batch1" in plots:
         lines += ["", f"![batch-1 latency distribution]({plots['latency_batch1']})"]
+    lines += build_time_markdown(report)
     lines += ["", "## Stages", "", "| # | stage | pass | status | cached | seconds | kind | key |",
               "|---|---|---|---|---|---|---|---|"]
     for i, s in enumerate(report["stages"], 1):

@@ -58,6 +58,10 @@ from .loading import iter_batches
 #: ``metadata_props`` key under which :func:`correct_bias` records what it did (JSON).
 METADATA_KEY = "accelc.bias_correction"
 
+#: Most samples per run of the shift measurement (its peak memory: every activation of the QDQ
+#: graph un-fused for that many samples).
+SHIFT_BATCH = 16
+
 #: Op types whose bias is corrected: the weighted layers ONNX Runtime's quantizer writes an
 #: INT32 bias for.
 CORRECTED_OPS = ("Conv", "Gemm")
@@ -118,9 +122,11 @@ def _sequential_shifts(
     ``y' = y + (m_float - ReduceMean(y))`` over every axis but the channel axis, so every later
     layer reads the corrected tensor, exactly as if the earlier biases had been corrected first
     (the layer-by-layer method of the paper, which needs one partial run per layer). The shift
-    added at each layer is an extra graph output. The samples run as one batch when the batch
-    axis is dynamic, so the means are the whole set's; with a static batch ``B`` the shifts are
-    averaged over runs of ``B`` samples (the first ``N - N % B``). Returns ``(C,)`` float64 each.
+    added at each layer is an extra graph output. The samples run :data:`SHIFT_BATCH` at a time
+    (``B`` for a static batch ``B``, on the first ``N - N % B``) and the shifts are averaged over
+    the runs, weighted by their samples: each run's shifts are the sequential method's on that
+    run's samples, so the average equals the whole set's up to how much a later layer's mean
+    depends on which samples an earlier correction came from. Returns ``(C,)`` float64 each.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -162,7 +168,7 @@ def _sequential_shifts(
     names = list(sess.input_names)
     static = sess.input_shapes[0][0] if sess.input_shapes and sess.input_shapes[0] else None
     total = len(arrays[names[0]])
-    batch = static if isinstance(static, int) and static > 0 else total
+    batch = static if isinstance(static, int) and static > 0 else min(total, SHIFT_BATCH)
     usable = total // batch * batch
     sums: list[Any] = [0.0] * len(layers)
     for _, chunk in iter_batches({k: arrays[k][:usable] for k in names}, names, batch):

@@ -503,7 +503,7 @@ class Quantize(Pass):
             ranking: list[dict[str, Any]] = []
             kept: dict[str, Any] | None = first if first["passed"] else None
             sens_info: dict[str, Any] = {}
-            lap("trials")
+            lap("full INT8")
             if kept is None:
                 ranking, sens_info = self._rank(ctx, inputs, options, model, full, tmp, evaluator, calibration)
                 lap("sensitivity")
@@ -534,7 +534,7 @@ class Quantize(Pass):
                     return rec
 
                 kept = search_fallback(ranking, options["max_fp32_nodes"], trial, options["search"])
-                lap("trials")
+                lap("fallback trials")
             chosen = kept or first
             shutil.copyfile(files[chosen["trial"]], out)
             lat = p50_latency_ms(
