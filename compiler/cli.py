@@ -327,6 +327,9 @@ def build(
         if as_json:
             out.print_json(json.dumps(rep, default=str))
         if outcome.ok:
+            from .report import headline
+
+            console.print(escape(headline(rep)))
             console.print(
                 f"[green]done[/]: {outcome.out_dir / rep['final_artifact']}  (report: {outcome.out_dir / 'report.md'})"
             )

@@ -261,11 +261,13 @@ def headline(report: dict[str, Any]) -> str:
     prec = {"int8": "INT8", "fp16": "FP16", "fp32": "FP32"}.get(report["precision"], report["precision"])
     sp = speedups(report)
     speed = []
+    def times(r: float) -> str:
+        return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
+
     if "over_source" in sp:
-        speed.append(f"{sp['over_source']:.2f}x {'faster' if sp['over_source'] >= 1 else 'as fast'} than the source "
-                     "model (eager PyTorch)")
+        speed.append(f"{times(sp['over_source'])} than the source model (eager PyTorch)")
     if "over_float" in sp:
-        speed.append(f"{sp['over_float']:.2f}x {'faster' if sp['over_float'] >= 1 else 'as fast'} than FP32 ONNX")
+        speed.append(f"{times(sp['over_float'])} than FP32 ONNX")
     parts = [prec, (", ".join(speed) + " (batch 1, p50)") if speed else "speed not measured"]
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
     if ver:

@@ -92,8 +92,9 @@ def _onnx_artifact(path: Path) -> Artifact:
 
 
 def test_each_model_is_timed_in_a_process_of_its_own(tmp_path):
-    a = float_model(tmp_path / "a" / "model.onnx") if (tmp_path / "a").mkdir() is None else None
-    b = float_model(tmp_path / "b" / "model.onnx") if (tmp_path / "b").mkdir() is None else None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = float_model(tmp_path / "a" / "model.onnx"), float_model(tmp_path / "b" / "model.onnx")
     feeds = {"1": samples(0, 1), "4": samples(0, 4)}
     got = time_models([TimedModel("a", artifact=_onnx_artifact(a)), TimedModel("b", artifact=_onnx_artifact(b))],
                       feeds, threads=1, warmup=2, iterations=5)
@@ -143,7 +144,8 @@ def _chain(path: Path, loud: str) -> Path:
             w[:, 0, 0, 0] = 60.0
         if k + 1 < len(order) and order[k + 1] == loud:
             w[0] *= 0.01
-        inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(np.zeros(4, np.float32), f"{name}.b")]
+        inits += [numpy_helper.from_array(w, f"{name}.w"),
+                  numpy_helper.from_array(np.zeros(4, np.float32), f"{name}.b")]
         nodes.append(helper.make_node("Conv", [prev, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name))
         prev = f"{name}.y"
         if name != "conv_c":
@@ -192,3 +194,32 @@ def test_min_speedup_fails_a_build_whose_artifact_is_not_fast_enough():
     with pytest.raises(VerificationError, match="cannot be checked"):
         b.check(_bench(4.0, None), {"min_speedup": 1})
     assert "min_speedup" in Benchmark.key_ignores  # a tolerance: changing it reruns no benchmark
+
+
+def _report(artifact_ms: float, float_ms: float, source_ms: float) -> dict:
+    bench = {"batch": {"1": {"p50_ms": artifact_ms, "p99_ms": artifact_ms * 1.2}},
+             "baselines": {"float": {"kind": "onnx", "p50_ms": float_ms, "p99_ms": float_ms},
+                           "source": {"kind": "torch.module", "p50_ms": source_ms, "p99_ms": source_ms}}}
+    verify = {"samples": 96, "top1_agreement": 0.9583, "cosine": 0.99816}
+    stage = {"status": "ok", "cached": False, "seconds": 1.0, "error": None}
+    return {
+        "precision": "int8", "error": None, "status": "ok",
+        "stages": [{**stage, "node": "quantize", "pass": "quantize", "seconds": 30.0,
+                    "metrics": {"timing_s": {"sensitivity": 12.0, "fallback trials": 15.0}}},
+                   {**stage, "node": "verify[quantize]", "pass": "verify", "metrics": verify},
+                   {**stage, "node": "benchmark", "pass": "benchmark", "seconds": 9.0, "metrics": bench}],
+    }
+
+
+def test_report_opens_with_precision_speedups_and_agreement_and_warns_when_int8_is_slower():
+    from accelc.report import _warnings, build_time_markdown, headline
+
+    line = headline(_report(3.5, 7.0, 28.0))
+    assert line == ("INT8 · 8.00x faster than the source model (eager PyTorch), 2.00x faster than FP32 ONNX "
+                    "(batch 1, p50) · top-1 agreement 0.958, cosine 0.9982 (verify[quantize])")
+    assert not any("slower" in w for w in _warnings(_report(3.5, 7.0, 28.0)))
+    slow = _report(8.0, 7.0, 28.0)
+    assert "1.14x slower than FP32 ONNX" in headline(slow)
+    assert any("slower than the FP32 ONNX model" in w and "min_speedup" in w for w in _warnings(slow))
+    table = "\n".join(build_time_markdown(slow))
+    assert "| `quantize` | 30.00 | 75% | fallback trials 15.0, sensitivity 12.0 |" in table
