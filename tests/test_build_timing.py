@@ -223,3 +223,21 @@ def test_report_opens_with_precision_speedups_and_agreement_and_warns_when_int8_
     assert any("slower than the FP32 ONNX model" in w and "min_speedup" in w for w in _warnings(slow))
     table = "\n".join(build_time_markdown(slow))
     assert "| `quantize` | 30.00 | 75% | fallback trials 15.0, sensitivity 12.0 |" in table
+
+
+def test_verify_min_speedup_fails_the_build_and_changing_it_reruns_nothing(tmp_path):
+    from builders import write_tiny_recipe
+
+    from accelc.build import build
+
+    cache = tmp_path / "cache"
+    ok = build(write_tiny_recipe(tmp_path, "a.yaml", verify={"min_speedup": 0.01}), out_dir=tmp_path / "a",
+               cache_dir=cache)
+    assert ok.ok, ok.result.failure
+    bench = next(s for s in ok.report["stages"] if s["node"] == "benchmark")
+    assert bench["metrics"]["isolation"] == ISOLATION_PROCESS
+    assert bench["metrics"]["baselines"]["float"]["isolation"] == ISOLATION_PROCESS
+    strict = build(write_tiny_recipe(tmp_path, "b.yaml", verify={"min_speedup": 1000}), out_dir=tmp_path / "b",
+                   cache_dir=cache)
+    assert not strict.ok and "verify.min_speedup requires 1000x" in str(strict.result.failure)
+    assert all(s["cached"] for s in strict.report["stages"])  # a speed tolerance is checked, not rebuilt
