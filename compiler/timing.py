@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from .artifacts import Artifact
 #: How a measurement was isolated, as results record it.
 ISOLATION_PROCESS = "process"
 ISOLATION_IN_PROCESS = "in-process"
+
+#: Prefix of the worker's progress lines on its stdout.
+_PROGRESS = "ACCELC-TIMING-PROGRESS"
 
 #: Seconds one worker may take beyond its timed calls' own budget (start, imports, load).
 WORKER_TIMEOUT_S = 900
@@ -150,7 +154,8 @@ def time_models(
             belongs to the session and is joined when it is released, and that worker imports no
             torch, so the next model runs alone as in a process of its own, without paying a process
             start per trial). Default: one worker process per model.
-        progress: ``progress(message)`` before each worker.
+        progress: ``progress(message)`` before each worker, ``progress(message, done, total)`` as its
+            timed calls go (``message``: the feed key, e.g. ``batch 8``; ``<name>: batch <key>`` otherwise).
 
     Returns ``{name: Timing}``. A model neither the worker nor ``runners`` can run has ``error``
     set; nothing is raised for it (a latency is a measurement, the build goes on).
@@ -165,7 +170,7 @@ def time_models(
                 continue
             names = ", ".join(m.name for m in group)
             progress(f"timing {names} in {'a process' if share_process else 'its own process'}")
-            for t in _worker(group, feed_files, tmp, threads, warmup, iterations, device):
+            for t in _worker(group, feed_files, tmp, threads, warmup, iterations, device, progress):
                 m = next(x for x in group if x.name == t.name)
                 if t.error is not None and runners is not None and t.error.startswith("unknown:"):
                     t = _in_process(m, feeds, threads, warmup, iterations, device, runners, t.error)
@@ -175,7 +180,7 @@ def time_models(
 
 def _worker(
     group: list[TimedModel], feed_files: dict[str, str], tmp: Path, threads: int | None, warmup: int,
-    iterations: int, device: str,
+    iterations: int, device: str, progress: Callable[..., None] = lambda *_a, **_k: None,
 ) -> list[Timing]:
     result = tmp / "result.json"
     spec = {
@@ -185,15 +190,30 @@ def _worker(
     spec_file = tmp / "spec.json"
     spec_file.write_text(json.dumps(spec))
     result.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelc.timing", str(spec_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    timer = threading.Timer(WORKER_TIMEOUT_S, proc.kill)
+    timer.start()
+    other: list[str] = []
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "accelc.timing", str(spec_file)],
-            capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=os.environ.copy(),
-        )
-    except subprocess.TimeoutExpired:
-        return [Timing(m.name, error=f"timing worker exceeded {WORKER_TIMEOUT_S} s") for m in group]
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the worker's progress lines: PROGRESS <model index> <done> <total> <key>
+            parts = line.rstrip("\n").split(" ", 4)
+            if len(parts) == 5 and parts[0] == _PROGRESS:
+                name, key = group[int(parts[1])].name, parts[4]
+                progress(key if key.startswith("batch") else f"{name}: batch {key}", int(parts[2]), int(parts[3]))
+            else:
+                other.append(line)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        proc.wait()
+    finally:
+        timer.cancel()
     if not result.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        if proc.returncode == -9:
+            return [Timing(m.name, error=f"timing worker exceeded {WORKER_TIMEOUT_S} s") for m in group]
+        tail = (stderr or "".join(other)).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         return [Timing(m.name, error=f"timing worker failed: {tail[0][:300]}") for m in group]
     doc = json.loads(result.read_text())
     return [
@@ -245,7 +265,13 @@ def worker_main(spec_file: str) -> int:
                 continue
             try:
                 opened = _open(model, spec["device"], spec["threads"], runners)
-                results.append({"times": _time_one(opened, feeds, spec["warmup"], spec["iterations"])})
+                index = len(results)
+
+                def report(key: str, done: int, total: int, index: int = index) -> None:
+                    if done == total or done % max(1, total // 20) == 0:
+                        print(f"{_PROGRESS} {index} {done} {total} {key}", flush=True)
+
+                results.append({"times": _time_one(opened, feeds, spec["warmup"], spec["iterations"], report)})
             except Exception as e:  # noqa: BLE001 - reported to the build, which records it
                 results.append({"error": f"{type(e).__name__}: {e}"})
             opened = None

@@ -352,8 +352,8 @@ def test_long_passes_report_counted_progress(tmp_path, cache):
     nodes = {(n, m.split(":")[0].split(" (")[0]) for n, m, _, _ in rep.counts}
     assert ("calibrate", "calibration trials") in nodes and ("calibrate", "calibrating") in nodes
     assert ("quantize", "sensitivity") in nodes and ("benchmark", "batch 1") in nodes
-    batches = [(d, t) for n, m, d, t in rep.counts if n == "calibrate" and m.startswith("calibrating (minmax)")]
-    assert batches[-1] == (16, 16)  # 16 calibration samples, batch 1
+    batches = [(d, t) for n, m, d, t in rep.counts if n == "calibrate" and m.startswith("calibrating (ranges)")]
+    assert batches[-1] == (16, 16)  # 16 calibration samples, batch 1 (one streamed pass for every method)
     trials = [(d, t) for n, m, d, t in rep.counts if m.startswith("calibration trials")]
     assert trials[0] == (0, 3) and trials[-1] == (3, 3)  # minmax, entropy, percentile
     units = [(d, t) for n, m, d, t in rep.counts if m.startswith("sensitivity")]
