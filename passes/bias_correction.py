@@ -110,23 +110,24 @@ def _opset(model: Any) -> int:
 
 def _sequential_shifts(
     model: Any,
-    layers: list[tuple[Any, int, np.ndarray]],
+    layers: list[tuple[Any, int, str]],
+    float_runs: list[dict[str, np.ndarray]],
     arrays: dict[str, np.ndarray],
     threads: int | None,
     session: SessionFactoryFn | None,
 ) -> list[np.ndarray]:
     """Per-channel shifts ``E[y_float] - E[y_qdq]`` of each layer in ``layers`` ``(node, rank, float
-    mean (C,))``, each measured with every earlier layer already corrected, from **one** run.
+    tensor name)``, each measured with every earlier layer already corrected, from **one** run.
 
     The QDQ graph is copied and each layer's output ``y`` is re-centred in the graph:
     ``y' = y + (m_float - ReduceMean(y))`` over every axis but the channel axis, so every later
     layer reads the corrected tensor, exactly as if the earlier biases had been corrected first
     (the layer-by-layer method of the paper, which needs one partial run per layer). The shift
     added at each layer is an extra graph output. The samples run :data:`SHIFT_BATCH` at a time
-    (``B`` for a static batch ``B``, on the first ``N - N % B``) and the shifts are averaged over
-    the runs, weighted by their samples: each run's shifts are the sequential method's on that
-    run's samples, so the average equals the whole set's up to how much a later layer's mean
-    depends on which samples an earlier correction came from. Returns ``(C,)`` float64 each.
+    (``B`` at a time, on the first ``N - N % B``, for a static batch ``B``), each run against the
+    float model's means on the same samples (``float_runs``, from :func:`_float_stats`, fed as graph
+    inputs), and the shifts are averaged over the runs, weighted by their samples. Returns
+    ``(C,)`` float64 each.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -136,16 +137,17 @@ def _sequential_shifts(
     use_axes_input = _opset(m) >= 18  # ReduceMean takes axes as an input from opset 18
     by_name = {n.name: n for n in m.graph.node}
     new_nodes: dict[str, list[Any]] = {}
-    for j, (layer, rank, fmean) in enumerate(layers):
+    mean_inputs = []
+    for j, (layer, rank, float_name) in enumerate(layers):
         node = by_name[layer.name]
         y = node.output[0]
         raw = f"accelc_bc_raw_{j}"
         axes = [0, *range(2, rank)]
         pre = f"accelc_bc_{j}"
-        shape = [1, len(fmean), *([1] * (rank - 2))]
-        m.graph.initializer.append(
-            onnx.numpy_helper.from_array(fmean.astype(np.float32).reshape(shape), f"{pre}_float_mean")
-        )
+        channels = len(float_runs[0][float_name])
+        shape = [1, channels, *([1] * (rank - 2))]
+        m.graph.input.append(helper.make_tensor_value_info(f"{pre}_float_mean", TensorProto.FLOAT, shape))
+        mean_inputs.append((f"{pre}_float_mean", float_name, shape))
         if use_axes_input:
             m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), f"{pre}_axes"))
             mean = helper.make_node("ReduceMean", [raw, f"{pre}_axes"], [f"{pre}_mean"], keepdims=1)
@@ -165,17 +167,31 @@ def _sequential_shifts(
     m.graph.node.extend(ordered)
     n_out = len(model.graph.output)
     sess = _session(session)(m.SerializeToString(), threads=threads)
-    names = list(sess.input_names)
-    static = sess.input_shapes[0][0] if sess.input_shapes and sess.input_shapes[0] else None
-    total = len(arrays[names[0]])
-    batch = static if isinstance(static, int) and static > 0 else min(total, SHIFT_BATCH)
-    usable = total // batch * batch
+    data_names = [n for n in sess.input_names if not n.startswith("accelc_bc_")]
+    feeds_names, arrays, batch = _feeds(_DataInputs(sess, data_names), arrays, SHIFT_BATCH)
+    runs = list(iter_batches(arrays, feeds_names, batch))
+    if len(runs) != len(float_runs):
+        raise ValueError(f"bias correction: {len(runs)} runs of the QDQ model, {len(float_runs)} of the float model")
     sums: list[Any] = [0.0] * len(layers)
-    for _, chunk in iter_batches({k: arrays[k][:usable] for k in names}, names, batch):
-        res = sess.run(chunk)[n_out:]
-        for j, shift in enumerate(res):
-            sums[j] = sums[j] + np.asarray(shift, np.float64).reshape(-1) * len(chunk[names[0]])
-    return [s / max(usable, 1) for s in sums]
+    total = 0
+    for (_, chunk), fmeans in zip(runs, float_runs, strict=True):
+        feed = dict(chunk)
+        for name, float_name, shape in mean_inputs:
+            feed[name] = fmeans[float_name].astype(np.float32).reshape(shape)
+        n = len(chunk[feeds_names[0]])
+        total += n
+        for j, shift in enumerate(sess.run(feed)[n_out:]):
+            sums[j] = sums[j] + np.asarray(shift, np.float64).reshape(-1) * n
+    return [s / max(total, 1) for s in sums]
+
+
+class _DataInputs:
+    """A session seen through its data inputs only (for :func:`_feeds`)."""
+
+    def __init__(self, sess: Any, names: list[str]):
+        index = {n: i for i, n in enumerate(sess.input_names)}
+        self.input_names = names
+        self.input_shapes = [sess.input_shapes[index[n]] for n in names]
 
 
 def _outputs(
@@ -198,10 +214,12 @@ def _measure(
     batch: int,
     threads: int | None,
     session: SessionFactoryFn | None,
+    per_batch: list[list[np.ndarray]] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """One pass of ``model`` over ``arrays``: the per-channel means of ``tensors`` ``(name, rank)``
     (``(C,)`` float64 each, one ReduceMean over every axis but 1), the model's own outputs
-    flattened per sample (``(N, D)`` float32), and the number of samples (see :func:`_feeds`)."""
+    flattened per sample (``(N, D)`` float32), and the number of samples (see :func:`_feeds`).
+    ``per_batch``, when given, gets each run's means appended (one list per run, in order)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -228,6 +246,8 @@ def _measure(
         res = sess.run(chunk)
         n = len(chunk[feeds[0]])
         rows.append(np.concatenate([o.reshape(len(o), -1) for o in res[:n_out]], axis=1).astype(np.float32))
+        if per_batch is not None:
+            per_batch.append([np.asarray(mean, np.float64) for mean in res[n_out:]])
         for j, mean in enumerate(res[n_out:]):
             sums[j] = sums[j] + mean.astype(np.float64) * n
     return [s / total for s in sums], np.concatenate(rows), total
@@ -236,22 +256,23 @@ def _measure(
 #: Float-model statistics by (model file, size, mtime, calibration arrays): every trial of a pass
 #: corrects against the same float model on the same samples, so its means and outputs are
 #: measured once. Small: ``(C,)`` vectors and ``(N, D)`` outputs; the last few models only.
-_FLOAT_STATS: dict[tuple[Any, ...], tuple[dict[str, np.ndarray], np.ndarray, int]] = {}
+_FLOAT_STATS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _FLOAT_STATS_MAX = 4
 
 
 def _float_stats(
     float_model: str | Path, fp: Any, arrays: dict[str, np.ndarray], batch: int, threads: int | None,
     session: SessionFactoryFn | None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, int, list[dict[str, np.ndarray]]]:
     """Per-channel means of every Conv/Gemm output of the float model (``{tensor: (C,)}``), its outputs
-    ``(N, D)`` and the sample count on ``arrays``, cached across the trials of a pass."""
+    ``(N, D)``, the sample count on ``arrays``, and the same means per run of :data:`SHIFT_BATCH`
+    samples (in :func:`_feeds` order), cached across the trials of a pass."""
     st = Path(float_model).stat()
     fingerprint = tuple(
         (k, v.shape, v.dtype.str, hashlib.blake2b(np.ascontiguousarray(v).data, digest_size=16).hexdigest())
         for k, v in sorted(arrays.items())
     )
-    key = (str(Path(float_model).resolve()), st.st_size, st.st_mtime_ns, fingerprint, batch)
+    key = (str(Path(float_model).resolve()), st.st_size, st.st_mtime_ns, fingerprint, batch, SHIFT_BATCH)
     if key not in _FLOAT_STATS:
         ranks = {i.name: len(i.dims) for i in fp.graph.initializer}
         tensors = [
@@ -259,10 +280,17 @@ def _float_stats(
             for n in fp.graph.node
             if n.op_type in CORRECTED_OPS and n.output
         ]
-        means, out, samples = _measure(fp, tensors, arrays, batch, threads, session)
+        runs: list[list[np.ndarray]] = []
+        means, out, samples = _measure(fp, tensors, arrays, SHIFT_BATCH, threads, session, runs)
         if len(_FLOAT_STATS) >= _FLOAT_STATS_MAX:
             _FLOAT_STATS.pop(next(iter(_FLOAT_STATS)))
-        _FLOAT_STATS[key] = ({t: m for (t, _), m in zip(tensors, means, strict=True)}, out, samples)
+        names = [t for t, _ in tensors]
+        _FLOAT_STATS[key] = (
+            {t: m for t, m in zip(names, means, strict=True)},
+            out,
+            samples,
+            [{t: m for t, m in zip(names, run, strict=True)} for run in runs],
+        )
     return _FLOAT_STATS[key]
 
 
@@ -353,14 +381,14 @@ def correct_bias(
     if not layers:
         return BiasCorrection([], 0.0, None, 0, 0.0, 0.0, False, time.perf_counter() - t0)
 
-    float_means, ref_out, samples = _float_stats(float_model, fp, arrays, batch, threads, session)
+    float_means, ref_out, samples, float_runs = _float_stats(float_model, fp, arrays, batch, threads, session)
     missing = [n.name for n, *_ in layers if float_out[n.name] not in float_means]
     if missing:
         raise ValueError(f"bias correction: no float output statistics for {', '.join(missing)} in {float_model}")
     original = [numpy_helper.to_array(b).astype(np.int64) for _, b, *_ in layers]
     before_bytes = qm.SerializeToString()
     deltas = _sequential_shifts(
-        qm, [(n, r, float_means[float_out[n.name]]) for n, _, _, r, _ in layers], arrays, threads, session
+        qm, [(n, r, float_out[n.name]) for n, _, _, r, _ in layers], float_runs, arrays, threads, session
     )
     max_shift, max_node = 0.0, None
     info = np.iinfo(np.int32)

@@ -143,8 +143,9 @@ def test_a_correction_that_moves_away_from_float_is_not_kept(models, monkeypatch
     bc._FLOAT_STATS.clear()
 
     def wrong_reference(*args, **kwargs):
-        means, out, samples = real(*args, **kwargs)
-        return {k: m + 1.0 for k, m in means.items()}, out, samples
+        means, out, samples, runs = real(*args, **kwargs)
+        wrong = [{k: m + 1.0 for k, m in run.items()} for run in runs]
+        return {k: m + 1.0 for k, m in means.items()}, out, samples, wrong
 
     monkeypatch.setattr(bc, "_float_stats", wrong_reference)
     copy = tmp / "wrong.onnx"
@@ -222,12 +223,15 @@ def test_one_run_measures_the_same_shifts_as_correcting_layer_by_layer(models, m
     fp, plain, _, cal, _, _ = models
     f, q = onnx.load(str(fp)), onnx.load(str(plain))
     float_out = {n.name: n.output[0] for n in f.graph.node}
-    means, _, _ = bc._measure(f, [(float_out["conv1"], 4), (float_out["conv2"], 4), (float_out["fc"], 2)], cal, 8,
-                              1, None)
+    tensors = [(float_out["conv1"], 4), (float_out["conv2"], 4), (float_out["fc"], 2)]
+    runs: list = []
+    means, _, _ = bc._measure(f, tensors, cal, 1024, 1, None, runs)
     fmean = dict(zip(["conv1", "conv2", "fc"], means, strict=True))
+    float_runs = [{t: m for (t, _), m in zip(tensors, run, strict=True)} for run in runs]
     layers = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm")]
-    one_run = bc._sequential_shifts(q, [(n, 4 if n.op_type == "Conv" else 2, fmean[n.name]) for n in layers], cal,
-                                    1, None)
+    one_run = bc._sequential_shifts(
+        q, [(n, 4 if n.op_type == "Conv" else 2, float_out[n.name]) for n in layers], float_runs, cal, 1, None
+    )
     # reference: correct layer by layer, each measured on the model with the earlier ones corrected
     producer = {o: n for n in q.graph.node for o in n.output}
     inits = {t.name: t for t in q.graph.initializer}
@@ -244,3 +248,21 @@ def test_one_run_measures_the_same_shifts_as_correcting_layer_by_layer(models, m
     for a, b in zip(one_run, seq, strict=True):
         # equal up to the rounding of each correction to whole bias steps (input scale x weight scale)
         assert np.allclose(a, b, atol=2e-3), (a, b)
+
+
+def test_runs_of_a_few_samples_correct_as_well_as_one_run_of_all(models, monkeypatch):
+    """Each run is re-centred on the float model's means over the same samples, so splitting the
+    set into runs (to bound memory) keeps the correction; against the whole set's means it would not."""
+    from accelc.passes import bias_correction as bc
+
+    fp, plain, _, cal, _, tmp = models
+    errors = {}
+    for shift_batch in (1024, 8):
+        monkeypatch.setattr(bc, "SHIFT_BATCH", shift_batch)
+        copy = tmp / f"runs{shift_batch}.onnx"
+        copy.write_bytes(plain.read_bytes())
+        r = correct_bias(fp, copy, cal)
+        assert r.kept
+        errors[shift_batch] = (r.error_before, r.error_after)
+    assert errors[8][1] < errors[8][0] / 2
+    assert errors[8][1] == pytest.approx(errors[1024][1], rel=0.2)
