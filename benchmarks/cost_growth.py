@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(model=name, samples=n)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1))
-    args.markdown.write_text(render(rows))
+                # written after every build, so an interrupted run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(rows, indent=1))
+                args.markdown.write_text(render(rows))
     print(render(rows))
     return 0
 

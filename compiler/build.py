@@ -328,7 +328,8 @@ def _publish(
             lock["final"]["sha256"] = {  # what this publish wrote (copies already checked against ``expected``)
                 n: expected[n] if expected and n in expected else sha256_file(gen / n) for n in files
             }
-            write_outputs(gen, report, lock, deploy_manifest(ex, result, report))
+            previous = meta_dir / "generations" / live if live else None
+            write_outputs(gen, report, lock, deploy_manifest(ex, result, report), previous)
             published = [*files, *(n for n in REPORT_FILES if (gen / n).is_file())]  # plots drawn, deploy.json
             for name in published:  # new names dangle until the switch, so they show nothing early
                 if not _is_our_link(out, name):

@@ -144,19 +144,46 @@ def _latency(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
+#: File in a generation that names the data its plots were drawn from (see :func:`write_plots`).
+PLOTS_KEY = "plots.key"
+
+
+def plots_key(report: dict[str, Any]) -> str:
+    """sha256 of what the plots draw: every stage's node and metrics (a warm build's are the cached ones)."""
+    import hashlib
+    import json
+
+    data = [(s.get("node"), s.get("metrics")) for s in report.get("stages", [])]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_plots(out_dir: Path, report: dict[str, Any], previous: Path | None = None) -> dict[str, str]:
     """Draw every plot the report has data for into ``out_dir`` (each through a temporary file and
     ``os.replace``), remove the others' stale files; returns ``{plot: file name}`` written.
 
+    ``previous``: the out dir's current generation. When its plots were drawn from the same data
+    (:func:`plots_key`, recorded in :data:`PLOTS_KEY`), they are copied instead of drawn, so a warm
+    build does not import matplotlib.
+
     Raises ``OSError`` when the out dir cannot be written."""
     import os
+    import shutil
 
+    key = plots_key(report)
+    names = ("accuracy_latency.png", "sensitivity.png", "latency_batch1.png")
     drawn: dict[str, str] = {}
-    for name, draw in (
-        ("accuracy_latency.png", _accuracy_latency),
-        ("sensitivity.png", _sensitivity),
-        ("latency_batch1.png", _latency),
-    ):
+    reuse = previous is not None and (previous / PLOTS_KEY).is_file() and (previous / PLOTS_KEY).read_text() == key
+    if reuse:
+        assert previous is not None
+        for name in names:
+            if (previous / name).is_file():
+                tmp = out_dir / f".{name}.tmp"
+                shutil.copyfile(previous / name, tmp)
+                os.replace(tmp, out_dir / name)
+                drawn[name.removesuffix(".png")] = name
+        (out_dir / PLOTS_KEY).write_text(key)
+        return drawn
+    for name, draw in zip(names, (_accuracy_latency, _sensitivity, _latency), strict=True):
         dest = out_dir / name
         tmp = out_dir / f".{name}.tmp"
         try:
@@ -170,4 +197,5 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         else:
             tmp.unlink(missing_ok=True)
             dest.unlink(missing_ok=True)
+    (out_dir / PLOTS_KEY).write_text(key)
     return drawn

@@ -407,15 +407,17 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
 
 
 def write_outputs(
-    out_dir: Path, report: dict[str, Any], lock: dict[str, Any], deploy: dict[str, Any] | None = None
+    out_dir: Path, report: dict[str, Any], lock: dict[str, Any], deploy: dict[str, Any] | None = None,
+    previous: Path | None = None,
 ) -> None:
     """Write ``report.json``, the plots, ``report.md``, ``deploy.json`` (removed when ``deploy`` is
-    ``None``: nothing was deployed) and, last, the lock file, each atomically."""
+    ``None``: nothing was deployed) and, last, the lock file, each atomically. ``previous``: the
+    generation this one replaces, whose plots are reused when drawn from the same data."""
     from .deploy import DEPLOY_NAME
     from .plots import write_plots
 
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=str))
-    plots = write_plots(out_dir, report)
+    plots = write_plots(out_dir, report, previous)
     write_atomic(out_dir / "report.md", render_markdown(report, plots))
     if deploy is not None:
         write_atomic(out_dir / DEPLOY_NAME, json.dumps(deploy, indent=2, default=str))

@@ -241,3 +241,25 @@ def test_verify_min_speedup_fails_the_build_and_changing_it_reruns_nothing(tmp_p
                    cache_dir=cache)
     assert not strict.ok and "verify.min_speedup requires 1000x" in str(strict.result.failure)
     assert all(s["cached"] for s in strict.report["stages"])  # a speed tolerance is checked, not rebuilt
+
+
+def test_plots_of_unchanged_data_are_copied_not_drawn(tmp_path, monkeypatch):
+    from accelc import plots
+
+    report = _report(3.5, 7.0, 28.0)
+    report["stages"][2]["metrics"]["batch"]["1"]["latencies_ms"] = [3.4, 3.5, 3.6, 3.5, 3.9] * 4
+    first, second, third = (tmp_path / n for n in ("g1", "g2", "g3"))
+    for d in (first, second, third):
+        d.mkdir()
+    drawn = plots.write_plots(first, report)
+    assert drawn == {"latency_batch1": "latency_batch1.png"}
+
+    def fail(*_a):
+        raise AssertionError("drew a plot whose data did not change")
+
+    monkeypatch.setattr(plots, "_latency", fail)
+    assert plots.write_plots(second, report, previous=first) == drawn
+    assert (second / "latency_batch1.png").read_bytes() == (first / "latency_batch1.png").read_bytes()
+    report["stages"][2]["metrics"]["batch"]["1"]["latencies_ms"][0] = 9.0  # new data: drawn again
+    with pytest.raises(AssertionError, match="drew a plot"):
+        plots.write_plots(third, report, previous=second)
