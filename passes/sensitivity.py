@@ -185,6 +185,16 @@ def fallback_units(
     return units
 
 
+def _wiring(model: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``({tensor: producing node}, {tensor: consuming nodes})`` of an ``onnx.ModelProto``'s graph."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def only_unit_model(float_model: Any, qdq_model: Any, unit: Unit) -> bytes:
     """The float model with only ``unit`` quantized, as the QDQ model quantizes it, serialized.
 
@@ -204,11 +214,7 @@ def only_unit_model(float_model: Any, qdq_model: Any, unit: Unit) -> bytes:
     q_nodes = {n.name: n for n in qdq_model.graph.node}
     if unit.name not in f_nodes or unit.name not in q_nodes:
         raise ValueError(f"sensitivity: node '{unit.name}' is not in both the float and the QDQ model")
-    producer = {o: n for n in qdq_model.graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in qdq_model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _wiring(qdq_model)
     q_inits = {t.name: t for t in qdq_model.graph.initializer}
     qn = q_nodes[unit.name]
     node = onnx.NodeProto()
@@ -354,11 +360,7 @@ def rank_units_sqnr(
     """
     graph_inputs = {i.name for i in float_model.graph.input}
     float_tensors = {o for n in float_model.graph.node for o in n.output} | graph_inputs
-    producer = {o: n for n in qdq_model.graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in qdq_model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _wiring(qdq_model)
     qnodes = {n.name: n for n in qdq_model.graph.node}
 
     def dequantized(t: str) -> str:
