@@ -90,7 +90,8 @@ def run_build(recipe: Path, work: Path) -> dict[str, Any]:
         "quantize_s": round((stages.get("quantize") or {}).get("seconds", 0.0), 1),
         "calibrate_phases": ((stages.get("calibrate") or {}).get("metrics") or {}).get("timing_s"),
         "quantize_phases": quant.get("timing_s"),
-        "quantized_nodes": len(quant.get("sensitivity") or []) or quant.get("quantize_linear_nodes"),
+        "quantized_nodes": quant.get("quantize_linear_nodes"),  # QuantizeLinear nodes of the kept model
+        "sensitivity_units": len(quant.get("sensitivity") or []),
         "kept": quant.get("kept"),
         "error": None if os.waitstatus_to_exitcode(status) == 0 else stderr.strip().splitlines()[-1:],
     }
@@ -98,7 +99,7 @@ def run_build(recipe: Path, work: Path) -> dict[str, Any]:
 
 def render(rows: list[dict[str, Any]]) -> str:
     """The Markdown table, then the growth per model (512 over 64 samples)."""
-    lines = ["| model | calibration samples | quantized nodes | cold build s | calibrate s | quantize s | "
+    lines = ["| model | calibration samples | QuantizeLinear nodes | cold build s | calibrate s | quantize s | "
              "peak RSS MiB | kept | exit |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['samples']} | {r['quantized_nodes']} | {r['wall_s']} | {r['calibrate_s']} | "
