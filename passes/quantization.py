@@ -97,12 +97,14 @@ def _slower_than_float(lat: dict[str, Any]) -> str | None:
 
 
 class Calibrate(Pass):
-    """Collect activation ranges over the calibration set with an ONNX Runtime calibrator.
+    """Collect activation ranges over the calibration set with ONNX Runtime's calibration methods.
 
     Methods (``onnxruntime.quantization.calibrate``): ``minmax`` (running min/max),
     ``entropy`` (KL-divergence threshold, TensorRT's classic method; 512 histogram bins
     unless ``num_bins`` is set), ``percentile`` (the given percentile of the absolute-value
-    histogram, 99.999 by default). ``symmetric`` makes ranges symmetric around 0 (needed for
+    histogram, 99.999 by default). Every method's table comes from one streamed collection
+    (:func:`accelc.passes.calibration.collect_tables`: ORT's tables, bounded memory).
+    ``symmetric`` makes ranges symmetric around 0 (needed for
     symmetric INT8 activations, e.g. TensorRT).
 
     ``auto`` tries every method in ``candidates``: each table is used to quantize the model
@@ -505,7 +507,7 @@ class Quantize(Pass):
             sens_info: dict[str, Any] = {}
             lap("full INT8")
             if kept is None:
-                ranking, sens_info = self._rank(ctx, inputs, options, model, full, tmp, evaluator, calibration)
+                ranking, sens_info = self._rank(ctx, inputs, options, model, full, evaluator, calibration)
                 lap("sensitivity")
             if kept is None and options["fallback"] == "auto":
 
@@ -586,7 +588,6 @@ class Quantize(Pass):
         options: dict[str, Any],
         model: Any,
         full: Path,
-        tmp: Path,
         validation: Evaluator,
         calibration: dict[str, np.ndarray] | None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:

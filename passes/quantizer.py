@@ -15,7 +15,6 @@ from accelc.errors import PassError
 from accelc.runners import SessionFactoryFn, default_threads
 
 from .bias_correction import correct_bias
-from .loading import iter_batches
 from .qdq import pin_float_nodes, unquantize_float_inputs
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -68,30 +67,6 @@ FORMAT_OPTIONS: dict[str, Any] = {
     },
 }
 
-
-
-class _Reader:
-    """ORT ``CalibrationDataReader`` over in-memory arrays, one batch per ``get_next``."""
-
-    def __init__(self, arrays: dict[str, Any], names: list[str], batch: int, progress: Any = None):
-        self._batches = [feeds for _, feeds in iter_batches(arrays, names, batch)]
-        self._i = 0
-        self._progress = progress  # progress(done, total) per batch handed out, when given
-
-    def get_next(self) -> dict[str, Any] | None:
-        if self._i >= len(self._batches):
-            return None
-        self._i += 1
-        if self._progress is not None:
-            self._progress(self._i, len(self._batches))
-        return self._batches[self._i - 1]
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._batches = self._batches[start_index:end_index]
-        self._i = 0
 
 
 

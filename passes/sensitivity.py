@@ -15,17 +15,17 @@ Terms:
   activation (``Clip``, ``Relu``) it folded into the node's output range. Keeping a unit in
   float excludes all its nodes; a folded activation rides with its node.
 * **Sensitivity** is measured one unit at a time against the float graph: the model with
-  *only* that unit quantized (``quantize_static(nodes_to_quantize=unit)``: its weights and
-  the activations it reads and writes) is run on a subset of the *calibration* set and
+  *only* that unit quantized (its weights and the activations it reads and writes, as the full
+  INT8 model quantizes them: :func:`only_unit_model`, the same graph as
+  ``quantize_static(nodes_to_quantize=unit)``) is run on a subset of the *calibration* set and
   compared with the float model there. The loss of mean cosine similarity ranks the units
   (ties: mean absolute error). This is the per-layer analysis of Nagel et al., "A White
   Paper on Neural Network Quantization" (2021): quantize layers one at a time to find the
-  ones that carry the error. Each unit costs one small ``quantize_static`` and one pass over
-  the samples, so the analysis is linear in the number of units. Ranking on calibration data
-  keeps the validation set for the accept/reject decision only. With ``bias_correction`` on
-  (the default) each one-unit model is bias-corrected like every trial
-  (:mod:`accelc.passes.bias_correction`), so the ranking measures the error that correction
-  leaves, which is what the fallback has to remove.
+  ones that carry the error. Each unit's model is cut from the full INT8 model, bias
+  correction included, so a unit costs one session and one pass over the samples, and
+  the analysis is linear in the number of units (times the model's cost). Ranking on
+  calibration data keeps the validation set for the accept/reject decision only.
+  :func:`rank_units_sqnr` ranks from one instrumented run instead (faster, less faithful).
 """
 
 from __future__ import annotations
