@@ -236,12 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per shape per process (default 10)")
     ap.add_argument("--iterations", type=int, default=50, help="timed calls per shape per process (default 50)")
     ap.add_argument("--workdir", type=Path, help="keep the export, feeds and outputs here (default: a temp dir)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=MODEL.onnx",
+                    help="also time this ONNX model as variant NAME (e.g. an earlier build's artifact); repeatable")
     args = ap.parse_args(argv)
+    extra = dict(e.split("=", 1) for e in args.extra)
+    bad = [n for n in extra if n in VARIANTS or not n.isidentifier()]
+    if bad:
+        ap.error(f"--extra: NAME must be a new identifier, not {', '.join(bad)}")
     with tempfile.TemporaryDirectory(prefix="accelc-minilm-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         prepared = prepare(args.variants, work, args.artifact)
-        rows = bench(args.variants, prepared, work, args.threads, args.rounds, args.warmup, args.iterations)
+        prepared["files"].update(extra)
+        variants = args.variants + list(extra)
+        rows = bench(variants, prepared, work, args.threads, args.rounds, args.warmup, args.iterations)
     for row in rows:
         print(json.dumps(row), flush=True)
     return 0

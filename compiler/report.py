@@ -102,6 +102,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: Columns of a trials table, each shown when some trial has it (``(metric key, header)``).
+TRIAL_COLUMNS = (
+    ("top1_agreement", "top-1 agreement"),
+    ("cosine", "cosine (mean)"),
+    ("cosine_min", "cosine (min)"),
+    ("neighbor_recall", "neighbour recall"),
+    ("max_abs_error", "max abs error"),
+    ("mean_abs_error", "mean abs error"),
+    ("p50_ms", "p50 ms (batch 1)"),
+)
+
 #: Rows of a sensitivity table shown in report.md (report.json has all of them).
 SENSITIVITY_ROWS = 15
 
@@ -125,26 +136,33 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
     lines = ["", f"## Trials of `{stage['node']}`", ""]
     if m.get("tolerances"):
         lines += [f"Tolerances: {', '.join(f'{k} {v:g}' for k, v in m['tolerances'].items())}.", ""]
-    lines += [f"| {head} | top-1 agreement | cosine (mean) | cosine (min) | max abs error | mean abs error | "
-              "p50 ms (batch 1) | meets tolerances | kept |", "|---|---|---|---|---|---|---|---|---|"]
+    shown = [(k, h) for k, h in TRIAL_COLUMNS if any(t.get(k) is not None for t in trials)]
+    lines += ["| " + " | ".join([head, *(h for _, h in shown), "meets tolerances", "kept"]) + " |",
+              "|" + "---|" * (len(shown) + 3)]
     for t in trials:
         if by_method:
             what = t["method"] + (f" ({t['percentile']:g})" if "percentile" in t else "")
         else:
             what = f"{len(t['fp32_nodes'])}: {_names(t['fp32_nodes'], 4)}" if t["fp32_nodes"] else "0 (full INT8)"
-        lines.append(
-            f"| {what} | {_fmt(t.get('top1_agreement'))} | {_fmt(t.get('cosine'))} | {_fmt(t.get('cosine_min'))} | "
-            f"{_fmt(t.get('max_abs_error'))} | {_fmt(t.get('mean_abs_error'))} | {_fmt(t.get('p50_ms'))} | "
-            f"{'yes' if t.get('passed') else 'no'} | {'**yes**' if t.get('kept') else ''} |"
-        )
+        cells = [what, *(_fmt(t.get(k)) for k, _ in shown), "yes" if t.get("passed") else "no",
+                 "**yes**" if t.get("kept") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     lat = m.get("latency") if isinstance(m.get("latency"), dict) else {}
     where = f"batch {lat.get('batch', 1)}, {lat.get('threads')} threads, p50, each model timed alone"
     if not by_method:
-        lines += ["", f"Kept: {m.get('kept')}; nodes in float: {_names(m.get('fp32_nodes', []), 12)}. "
-                  f"Latency ({where}): float {_fmt(lat.get('fp32_ms'))} ms, full INT8 {_fmt(lat.get('int8_ms'))} ms, "
-                  f"kept {_fmt(lat.get('kept_ms'))} ms."]
-    else:
+        timed = (f" Latency ({where}): float {_fmt(lat.get('fp32_ms'))} ms, full INT8 {_fmt(lat.get('int8_ms'))} ms, "
+                 f"kept {_fmt(lat.get('kept_ms'))} ms." if lat else "")
+        lines += ["", f"Kept: {m.get('kept')}; nodes in float: {_names(m.get('fp32_nodes', []), 12)}.{timed}"]
+        oc = m.get("outlier_channels") if isinstance(m.get("outlier_channels"), dict) else {}
+        if oc.get("decomposed"):
+            lines += ["", f"Outlier channels (in every trial): {oc['channels']} activation channel(s) of "
+                      f"{oc['decomposed']} of {oc['of']} MatMuls multiply in float beside the INT8 MatMul "
+                      f"(absolute maximum above {oc['threshold']:g}x the median channel's on {oc['samples']} "
+                      "calibration samples)."]
+    elif lat:
         lines += ["", f"Kept: `{m.get('method')}`. Float model: {_fmt(lat.get('fp32_ms'))} ms ({where})."]
+    else:
+        lines += ["", f"Kept: `{m.get('method')}`."]
     sens = m.get("sensitivity")
     if isinstance(sens, list) and sens:
         info = m.get("sensitivity_data", {})

@@ -34,6 +34,7 @@ from accelc.runners import default_threads
 from accelc.tolerances import TOLERANCES_SCHEMA, tolerance_failures
 
 from .loading import iter_batches, load_arrays
+from .outlier_decomposition import OUTLIER_MATMUL_SUFFIX, channel_absmax, decompose_outliers, weight_matmuls
 from .output_metrics import OUTPUT_KINDS, compare_by_kind, infer_output_kind
 
 #: Op types ``quantize_dynamic`` is asked to quantize by default.
@@ -86,7 +87,9 @@ def quantize_dynamic_model(src: Path, out: Path, options: dict[str, Any], exclud
 
 def quantization_facts(float_model: Any, quantized: Any, op_types: list[str]) -> dict[str, Any]:
     """Counts by op type of what was asked for, what became INT8 and what stayed float (MatMuls
-    only with a constant weight: a product of two activations is not quantized dynamically).
+    only with a constant weight: a product of two activations is not quantized dynamically; the
+    float outlier-channel MatMuls of :mod:`accelc.passes.outlier_decomposition` are not counted,
+    the pass reports them under ``outlier_channels``).
 
     Returns ``quantized`` (``{int8 op type: count}``), ``float_remaining`` (``{asked op type: count
     still float}``), and ``not_quantized`` (plain sentences, e.g. ``"2 of 2 LSTM nodes stayed
@@ -96,7 +99,8 @@ def quantization_facts(float_model: Any, quantized: Any, op_types: list[str]) ->
         # a MatMul of two activations (Q.K^T in unfused attention) is not a dynamic-quantization candidate
         inits = {i.name for i in model.graph.initializer}
         return Counter(n.op_type for n in model.graph.node
-                       if n.op_type != "MatMul" or (len(n.input) > 1 and n.input[1] in inits))
+                       if (n.op_type != "MatMul" or (len(n.input) > 1 and n.input[1] in inits))
+                       and not n.name.endswith(OUTLIER_MATMUL_SUFFIX))
 
     before, after = counts(float_model), counts(quantized)
     int8 = {t: after[t] for forms in QUANTIZED_FORMS.values() for t in forms if after.get(t) and t != "Gather"}
@@ -224,7 +228,7 @@ class QuantizeDynamic(Pass):
     """
 
     name = "quantize_dynamic"
-    version = "1"
+    version = "2"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("calibration", ("calibration.data",), optional=True),
@@ -265,6 +269,20 @@ class QuantizeDynamic(Pass):
             },
             "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             "sensitivity_samples": {"type": "integer", "minimum": 1, "default": 16},
+            "outlier_threshold": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 1,
+                "default": 3,
+                "description": "Keep a MatMul input's outlier channels (absolute maximum over the calibration set "
+                "above this many times the median channel's) in a small float MatMul beside the INT8 one "
+                "(LLM.int8()'s decomposition). null: off. Needs data.calibration.",
+            },
+            "outlier_max_channels": {
+                "type": "integer",
+                "minimum": 1,
+                "default": 32,
+                "description": "At most this many outlier channels per MatMul (the largest).",
+            },
         },
     }
 
@@ -295,8 +313,10 @@ class QuantizeDynamic(Pass):
         return opts
 
     def uses_inputs(self, options: dict[str, Any]) -> set[str]:
-        """The validation set and reference outputs (and calibration samples) with ``fallback`` set."""
-        return {"calibration", "reference", "validation"} if options.get("fallback") else set()
+        """The validation set and reference outputs (and calibration samples) with ``fallback`` set;
+        the calibration samples with ``outlier_threshold`` set."""
+        used = {"calibration", "reference", "validation"} if options.get("fallback") else set()
+        return used | ({"calibration"} if options.get("outlier_threshold") else set())
 
     def key_material(self, options: dict[str, Any], host: Any, sources: Any) -> dict[str, Any]:
         material = super().key_material(options, host, sources)
@@ -316,18 +336,69 @@ class QuantizeDynamic(Pass):
         out = ctx.workdir / "model.onnx"
         exclude = list(options["nodes_to_exclude"])
         metrics: dict[str, Any] = {}
-        if options.get("fallback"):
-            ctx.progress("quantize and verify")
-            metrics = self._fallback(ctx, inputs, options, src, out)
-            exclude = exclude + metrics["fp32_nodes"]
-        else:
-            ctx.progress("quantize")
-            quantize_dynamic_model(src, out, options, exclude)
+        with tempfile.TemporaryDirectory(prefix="accelc-dynq-", dir=ctx.scratch) as tmp:
+            src, outliers = self._decompose(ctx, inputs, options, src, float_model, Path(tmp))
+            metrics["outlier_channels"] = outliers
+            # the decomposition's float MatMuls stay float in every trial
+            opts = {**options, "nodes_to_exclude": exclude + outliers.get("float_matmuls", [])}
+            if options.get("fallback"):
+                ctx.progress("quantize and verify")
+                metrics.update(self._fallback(ctx, inputs, opts, src, out))
+                exclude = exclude + metrics["fp32_nodes"]
+            else:
+                ctx.progress("quantize")
+                quantize_dynamic_model(src, out, opts, opts["nodes_to_exclude"])
         q = onnx.load(str(out))
         metrics.update(quantization_facts(float_model, q, list(options["op_types"])))
         metrics.update(excluded_nodes=len(exclude), size_mib=round(out.stat().st_size / 2**20, 3),
                        per_channel=options["per_channel"])
         return PassResult("model.onnx", metrics=metrics, meta=inputs["model"].meta)
+
+    def _decompose(
+        self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any], src: Path,
+        float_model: Any, tmp: Path,
+    ) -> tuple[Path, dict[str, Any]]:
+        """``(model to quantize, outlier_channels metrics)``: ``src`` with each weight MatMul's
+        outlier channels split off (:mod:`accelc.passes.outlier_decomposition`), statistics from
+        the calibration set; ``src`` itself when ``outlier_threshold`` is null, no calibration set
+        is wired, or no channel qualifies (the metrics say which)."""
+        import onnx
+
+        threshold = options.get("outlier_threshold")
+        if not threshold or "MatMul" not in options["op_types"]:
+            return src, {"decomposed": 0, "reason": "off"}
+        if "calibration" not in inputs:
+            return src, {"decomposed": 0, "reason": "no calibration data (add data.calibration)"}
+        names = ctx.signature.names
+        data = load_arrays(inputs["calibration"])
+        batch = min(options["batch_size"], ctx.signature.max_batch())
+        nodes = weight_matmuls(float_model, set(options["nodes_to_exclude"]))
+        if not nodes:
+            return src, {"decomposed": 0, "reason": "no MatMul with a constant weight"}
+        ctx.progress("outlier channels: activation statistics on the calibration set")
+        absmax = channel_absmax(
+            src,
+            [feeds for _, feeds in iter_batches(data, names, batch)],
+            sorted({n.input[0] for n in nodes}),
+            lambda path: ctx.runners.session(path, default_threads()),
+        )
+        model, records = decompose_outliers(
+            float_model, absmax, threshold, options["outlier_max_channels"], set(options["nodes_to_exclude"])
+        )
+        info: dict[str, Any] = {
+            "threshold": threshold,
+            "samples": len(data[names[0]]),
+            "decomposed": len(records),
+            "of": len(nodes),
+            "channels": sum(r["channels"] for r in records),
+            "nodes": records,
+        }
+        if not records:
+            return src, {**info, "reason": "no channel above the threshold"}
+        path = tmp / "decomposed.onnx"
+        onnx.save(model, str(path))
+        info["float_matmuls"] = [f"{r['node']}{OUTLIER_MATMUL_SUFFIX}" for r in records]
+        return path, info
 
     def _fallback(
         self, ctx: PassContext, inputs: dict[str, Artifact], options: dict[str, Any], src: Path, out: Path

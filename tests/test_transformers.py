@@ -220,12 +220,32 @@ def _recipe(tmp: Path, bert: Path, **over) -> Path:
     return path
 
 
-def test_tiny_bert_builds_with_fusions_dynamic_int8_and_embedding_metrics(bert_dir, tmp_path):
+def test_tiny_bert_builds_with_dynamic_int8_and_embedding_metrics(bert_dir, tmp_path):
     res = build(_recipe(tmp_path, bert_dir), out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
     assert res.ok, res.result.failure
     stages = {s["node"]: s for s in res.report["stages"]}
-    assert [s["pass"] for s in res.report["stages"] if s["pass"] in ("optimize_transformer", "quantize_dynamic")] \
-        == ["optimize_transformer", "quantize_dynamic"]  # the cpu target's transformer pipeline
+    # the cpu target's transformer INT8 pipeline: the unfused export, dynamically quantized
+    assert [s["pass"] for s in res.report["stages"] if s["pass"] in ("export_onnx", "quantize_dynamic")] \
+        == ["export_onnx", "quantize_dynamic"] and "optimize_transformer" not in stages
+    q = stages["quantize_dynamic"]["metrics"]
+    # Q, K, V, attention output and the two feed-forward MatMuls of each of the 2 layers
+    assert q["quantized"] == {"MatMulInteger": 12} and q["float_remaining"] == {}
+    oc = q["outlier_channels"]
+    assert oc["threshold"] == 3 and oc["of"] == 12 and oc["samples"] == 24  # statistics from data.calibration
+    assert len(oc.get("float_matmuls", [])) == oc["decomposed"]
+    v = stages["verify[quantize_dynamic]"]["metrics"]
+    assert v["output_kind"] == "embedding" and "top1_agreement" not in v
+    assert 0.9 < v["cosine"] <= 1.0 and 0 <= v["neighbor_recall"] <= 1 and v["recall_k"] == 5
+    b = stages["benchmark"]["metrics"]
+    assert b["sequence"] == 16 and b["batch_sequence"]["1x8"]["sequence"] == 8
+
+
+def test_tiny_bert_fused_by_the_transformer_optimizer_quantizes_attention(bert_dir, tmp_path):
+    passes = [{"export_onnx": {"dynamo": False}}, "optimize_transformer",
+              {"quantize_dynamic": {"op_types": ["MatMul", "Attention"]}}]
+    res = build(_recipe(tmp_path, bert_dir, passes=passes), out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert res.ok, res.result.failure
+    stages = {s["node"]: s for s in res.report["stages"]}
     opt = stages["optimize_transformer"]["metrics"]
     assert opt["num_heads"] == 4 and opt["hidden_size"] == 32  # read from the model's config.json
     assert opt["fusions"].get("Attention") == 2 and opt["fusions"].get("BiasGelu") == 2
@@ -233,11 +253,6 @@ def test_tiny_bert_builds_with_fusions_dynamic_int8_and_embedding_metrics(bert_d
     q = stages["quantize_dynamic"]["metrics"]
     # each fused Attention becomes one QAttention; the 3 other weight MatMuls per layer become MatMulInteger
     assert q["quantized"] == {"QAttention": 2, "MatMulInteger": 6} and q["float_remaining"] == {}
-    v = stages["verify[quantize_dynamic]"]["metrics"]
-    assert v["output_kind"] == "embedding" and "top1_agreement" not in v
-    assert 0.9 < v["cosine"] <= 1.0 and 0 <= v["neighbor_recall"] <= 1 and v["recall_k"] == 5
-    b = stages["benchmark"]["metrics"]
-    assert b["sequence"] == 16 and b["batch_sequence"]["1x8"]["sequence"] == 8
 
 
 def test_fallback_search_finds_the_smallest_passing_count_in_few_trials():
@@ -260,8 +275,10 @@ def test_shipped_minilm_recipe_tokenises_its_disjoint_sentence_sets_with_the_mod
     reg = default_registry()
     recipe = load_recipe(REPO / "recipes" / "minilm_cpu_int8.yaml", reg)
     graph = lower(recipe, reg)
-    assert [n.pass_name for n in graph.nodes if n.pass_name in ("optimize_transformer", "quantize_dynamic")] == [
-        "optimize_transformer", "quantize_dynamic"]
+    assert [n.pass_name for n in graph.nodes if n.pass_name in ("export_onnx", "quantize_dynamic")] == [
+        "export_onnx", "quantize_dynamic"]
+    q = next(n for n in graph.nodes if n.pass_name == "quantize_dynamic")
+    assert "calibration" in q.inputs  # the outlier channels are found on the calibration sentences
     cal = recipe.data["calibration"]
     val = recipe.data["validation"]
     assert not set(Path(cal["text"]).read_text().splitlines()) & set(Path(val["text"]).read_text().splitlines())
