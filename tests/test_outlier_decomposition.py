@@ -95,7 +95,8 @@ def test_decomposition_computes_the_same_function_and_dynamic_int8_error_drops(t
     assert err(split) < err(plain) / 4, (err(split), err(plain))
     q = onnx.load(str(split))
     facts = quantization_facts(dec, q, ["MatMul"])
-    assert facts["quantized"] == {"MatMulInteger": 1} and facts["float_remaining"] == {}  # the split-off one is not counted
+    # the split-off float MatMul is not counted as a MatMul left float
+    assert facts["quantized"] == {"MatMulInteger": 1} and facts["float_remaining"] == {}
     assert any(n.name.endswith(OUTLIER_MATMUL_SUFFIX) and n.op_type == "MatMul" for n in q.graph.node)
 
 
