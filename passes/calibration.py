@@ -116,6 +116,47 @@ def entropy_threshold(histogram: tuple[Any, ...], num_quantized_bins: int) -> tu
     return lo, hi
 
 
+#: Candidate ends per side tried by :func:`mse_range` (fractions of the observed min and max).
+MSE_CANDIDATES = 128
+
+
+def mse_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float, levels: int = 256) -> tuple[float, float]:
+    """The ``[low, high]`` range (containing 0, within the observed ``[lo, hi]``) whose uniform
+    ``levels``-step quantization minimizes the histogram's mean squared error, rounding and
+    clipping together (the "mse" range estimator of NVIDIA's pytorch-quantization
+    ``HistogramCalibrator`` and of TensorRT's legacy calibrators, here for asymmetric ranges).
+
+    ``hist`` ``(B,)`` counts over ``edges`` ``(B + 1,)``; each bin's count sits at its centre, which
+    is quantized-dequantized exactly as ``QuantizeLinear``/``DequantizeLinear`` would. Each end is
+    searched over :data:`MSE_CANDIDATES` fractions of ``lo`` and ``hi`` in ``(0, 1]``, the high end
+    first with the low end at ``lo``, then the low end, twice (coordinate descent).
+    Returns ``(low, high)`` as floats.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not hi > lo:
+        return lo, hi
+    c = ((edges[:-1] + edges[1:]) / 2).astype(np.float64)
+    h = np.asarray(hist, np.float64)
+    keep = h > 0
+    c, h = c[keep], h[keep]
+    frac = np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES)
+
+    def errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        step = ((b - a) / (levels - 1))[:, None]
+        q = np.clip(np.round((c[None, :] - a[:, None]) / step), 0, levels - 1) * step + a[:, None]
+        return ((c[None, :] - q) ** 2 * h[None, :]).sum(axis=1)
+
+    a, b = lo, hi
+    for _ in range(2):
+        if hi > 0:
+            cand = hi * frac
+            b = float(cand[np.argmin(errors(np.full_like(cand, a), cand))])
+        if lo < 0:
+            cand = lo * frac
+            a = float(cand[np.argmin(errors(cand, np.full_like(cand, b)))])
+    return a, b
+
+
 def collect_tables(
     model: str | Path,
     data: dict[str, np.ndarray],
@@ -154,6 +195,7 @@ def collect_tables(
     bins = {
         "entropy": options.get("num_bins") or ENTROPY_DEFAULT_BINS,
         "percentile": options.get("num_bins") or PERCENTILE_DEFAULT_BINS,
+        "mse": options.get("num_bins") or PERCENTILE_DEFAULT_BINS,
     }
     hist_methods = [m for m in methods if m in bins]
     if not options.get("moving_average"):
@@ -236,6 +278,18 @@ def collect_tables(
                     t = max(abs(mn), abs(mx))
                     mn, mx = -t, t
                 pairs[n] = (np.array([mn], f32), np.array([mx], f32))
+            tables[m] = TensorsData(CalibrationMethod.MinMax, pairs)
+            continue
+        if m == "mse":
+            pairs = {}
+            for n in tensors:
+                t = max(abs(lo[n]), abs(hi[n]))
+                edges = np.linspace(-t, t, bins[m] + 1)
+                mn, mx = mse_range(hists[m][n], edges, lo[n], hi[n])
+                if symmetric:
+                    mn, mx = -max(abs(mn), mx), max(abs(mn), mx)
+                pairs[n] = (np.array([mn], f32), np.array([mx], f32))
+            # ORT has no MSE calibrator; the table is a plain range table, as min-max's is
             tables[m] = TensorsData(CalibrationMethod.MinMax, pairs)
             continue
         collector = HistogramCollector(

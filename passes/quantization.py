@@ -1,6 +1,6 @@
 """Static INT8 post-training quantization with ``onnxruntime.quantization``, as two passes.
 
-``calibrate`` runs an ONNX Runtime calibrator (min-max, entropy or percentile) over
+``calibrate`` runs an ONNX Runtime calibrator (min-max, entropy or percentile; or MSE) over
 the calibration set and stores the per-tensor ranges (ORT's ``TensorsData`` JSON,
 written by ``save_tensors_data``) as a ``calibration.table`` artifact. ``quantize``
 inserts QuantizeLinear/DequantizeLinear pairs from that table
@@ -96,13 +96,21 @@ def _slower_than_float(lat: dict[str, Any]) -> str | None:
     return None
 
 
+#: Methods ``auto`` tries by default. ``mse`` is left out: on EfficientNet-Lite0 it moved the
+#: kept model by one crop of 96 (top-1 0.958 -> 0.969 with the same 6 float nodes) for one more
+#: trial (about 3 s of a 76 s cold build).
+DEFAULT_CANDIDATES = ("minmax", "entropy", "percentile")
+
+
 class Calibrate(Pass):
     """Collect activation ranges over the calibration set with ONNX Runtime's calibration methods.
 
     Methods (``onnxruntime.quantization.calibrate``): ``minmax`` (running min/max),
     ``entropy`` (KL-divergence threshold, TensorRT's classic method; 512 histogram bins
     unless ``num_bins`` is set), ``percentile`` (the given percentile of the absolute-value
-    histogram, 99.999 by default). Every method's table comes from one streamed collection
+    histogram, 99.999 by default); and ``mse`` (accelc's: per tensor, the range minimizing the
+    histogram's quantization MSE, :func:`accelc.passes.calibration.mse_range`; not in the default
+    ``candidates``). Every method's table comes from one streamed collection
     (:func:`accelc.passes.calibration.collect_tables`: ORT's tables, bounded memory).
     ``symmetric`` makes ranges symmetric around 0 (needed for
     symmetric INT8 activations, e.g. TensorRT).
@@ -141,7 +149,7 @@ class Calibrate(Pass):
                 "items": {"enum": list(METHODS)},
                 "minItems": 1,
                 "uniqueItems": True,
-                "default": list(METHODS),
+                "default": list(DEFAULT_CANDIDATES),
                 "description": "Methods tried by 'auto'.",
             },
             "percentile": {

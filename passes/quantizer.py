@@ -17,7 +17,7 @@ from accelc.runners import SessionFactoryFn, default_threads
 from .bias_correction import correct_bias
 from .qdq import pin_float_nodes, unquantize_float_inputs
 
-METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "mse": "MinMax"}
 
 #: Histogram bins for ``entropy`` when ``num_bins`` is not set. ORT's own default (128) equals
 #: its 128 quantized bins, which leaves the KL search a single candidate: the full min-max range.

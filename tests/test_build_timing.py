@@ -15,7 +15,7 @@ from test_bias_correction import float_model, samples
 from accelc.artifacts import Artifact
 from accelc.errors import VerificationError
 from accelc.passes.benchmark import Benchmark
-from accelc.passes.calibration import collect_tables, entropy_threshold, uniform_histogram
+from accelc.passes.calibration import MSE_CANDIDATES, collect_tables, entropy_threshold, mse_range, uniform_histogram
 from accelc.timing import ISOLATION_IN_PROCESS, ISOLATION_PROCESS, TimedModel, time_models
 
 
@@ -75,6 +75,31 @@ def test_entropy_threshold_equals_onnxruntime_s_loop():
         want = HistogramCollector.get_entropy_threshold(None, h, 64)
         got = entropy_threshold(h, 64)
         assert float(got[0]) == pytest.approx(float(want[0])) and float(got[1]) == pytest.approx(float(want[1]))
+
+
+def _qdq_mse(x: np.ndarray, lo: float, hi: float) -> float:
+    """Mean squared error of u8 QuantizeLinear/DequantizeLinear of ``x`` with range [lo, hi]."""
+    scale = (hi - lo) / 255
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    q = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+    return float(np.mean((x - q) ** 2))
+
+
+def test_mse_range_beats_min_max_and_percentile_ranges_on_a_heavy_tail():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.abs(rng.normal(0, 1, 200_000)), rng.normal(0, 0.2, 50_000), [40.0]]).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    t = max(abs(lo), abs(hi))
+    hist, edges = np.histogram(x, 2048, range=(-t, t))
+    a, b = mse_range(hist, edges, lo, hi)
+    assert lo <= a <= 0 <= b < hi  # the lone 40 is clipped
+    mse = _qdq_mse(x, a, b)
+    p = float(np.percentile(np.abs(x), 99.999))
+    assert mse < 0.9 * _qdq_mse(x, lo, hi) and mse <= _qdq_mse(x, -min(p, -lo), p)
+    # no candidate of the same grid does better at the high end (the search found the minimum)
+    grid = hi * np.linspace(1 / MSE_CANDIDATES, 1, MSE_CANDIDATES)
+    assert mse <= min(_qdq_mse(x, a, g) for g in grid) * 1.02
+    assert mse_range(np.zeros(2048), edges, 0.0, 0.0) == (0.0, 0.0)
 
 
 def test_uniform_histogram_matches_numpy():
