@@ -238,6 +238,9 @@ def test_tiny_bert_builds_with_dynamic_int8_and_embedding_metrics(bert_dir, tmp_
     assert 0.9 < v["cosine"] <= 1.0 and 0 <= v["neighbor_recall"] <= 1 and v["recall_k"] == 5
     b = stages["benchmark"]["metrics"]
     assert b["sequence"] == 16 and b["batch_sequence"]["1x8"]["sequence"] == 8
+    md = (tmp_path / "out" / "report.md").read_text()
+    # an embedding has no top-1: the tables show only what was measured
+    assert "top-1 agreement" not in md and "| None |" not in md and "neighbour recall@5" in md
 
 
 def test_tiny_bert_fused_by_the_transformer_optimizer_quantizes_attention(bert_dir, tmp_path):
