@@ -367,8 +367,13 @@ def plan(
         title=f"{graph.recipe.name}: target {graph.target.name}, runtime {graph.runtime}, {graph.recipe.precision}",
         title_justify="left",
     )
-    for col in ("#", "node", "inputs", "produces", "key", "status", "why"):
-        t.add_column(col, overflow="fold")
+    # node names have no spaces to wrap at: at 80 columns they keep their width, the rest wraps
+    narrow = out.width < 100
+    longest = max((len(p.id) for p in nodes), default=4)
+    cols = ("#", "node", "key", "status", "why") if narrow else (
+        "#", "node", "inputs", "produces", "key", "status", "why")
+    for col in cols:
+        t.add_column(col, overflow="fold", min_width=min(longest, 24) if col == "node" else None)
     style = {"cached": "cyan", "run": "green", "blocked": "yellow"}
     for i, pn in enumerate(nodes, 1):
         n = graph.by_id[pn.id]
@@ -377,13 +382,14 @@ def plan(
         t.add_row(
             str(i),
             escape(pn.id) + final,
-            escape(", ".join(n.inputs.values())),
-            n.produces,
-            pn.key[:12],
+            *([] if narrow else [escape(", ".join(n.inputs.values())), n.produces]),
+            pn.key[:8],
             f"[{style[pn.status]}]{pn.status}[/]",
             escape(reason),
         )
     out.print(t)
+    if narrow:
+        out.print("(each node's inputs and kind: at 100 columns or more)")
     blocked = [p for p in nodes if p.status == "blocked"]
     if blocked:
         found = {c: d for p in blocked for c, d in p.missing}

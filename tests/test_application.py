@@ -393,3 +393,20 @@ def test_cache_list_shows_bracketed_node_ids_whole_at_80_columns(tmp_path):
     assert any("verify[quantize]" in ln and "verification.report" in ln for ln in lines), r.output
     assert any("load_data[calibration]" in ln and "calibration.data" in ln for ln in lines), r.output
     assert max(len(ln.rstrip()) for ln in lines) <= 80
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_plan_shows_every_node_name_whole_and_fits_the_terminal(tmp_path, columns):
+    from click.testing import CliRunner
+
+    from accelc.cli import main
+
+    recipe = write_tiny_recipe(tmp_path)
+    r = CliRunner().invoke(main, ["plan", str(recipe), "--cache-dir", str(tmp_path / "cache")],
+                           env={"COLUMNS": str(columns)})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(ln.rstrip()) for ln in lines) <= columns
+    for node in ("load_data[calibration]", "verify[quantize]", "export_onnx"):
+        assert any(node in ln for ln in lines), (node, r.output)
+    assert ("┃ inputs" in r.output) == (columns >= 100)  # the column, not the hint below the table
