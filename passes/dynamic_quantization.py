@@ -12,8 +12,10 @@ Outlier channels (``outlier_threshold``, default 3; :mod:`accelc.passes.outlier_
 before quantizing, each weight MatMul's activation channels whose absolute maximum on the
 calibration set exceeds that many times the median channel's are split off into a small float
 MatMul beside the INT8 one (LLM.int8()'s decomposition), so they no longer set the per-tensor
-u8 step. On all-MiniLM-L6-v2 this took full INT8 from recall@5 0.895 to 0.960 on held-out
-sentences (benchmarks/README.md); metrics ``outlier_channels`` say how many channels of which
+u8 step; only where that shrinks the activation's range at least ``outlier_min_gain`` (1.5)
+times, since each split adds a Mul, a Gather, a MatMul and an Add. On all-MiniLM-L6-v2 this
+took full INT8 from recall@5 0.895 to 0.959 on held-out sentences (README, "Transformers and
+recurrent models"); metrics ``outlier_channels`` say how many channels of which
 MatMuls, and from how many samples.
 
 Accuracy-aware fallback (``fallback: auto``): when the quantized model misses ``tolerances`` on
@@ -285,6 +287,13 @@ class QuantizeDynamic(Pass):
                 "above this many times the median channel's) in a small float MatMul beside the INT8 one "
                 "(LLM.int8()'s decomposition). null: off. Needs data.calibration.",
             },
+            "outlier_min_gain": {
+                "type": "number",
+                "minimum": 1,
+                "default": 1.5,
+                "description": "Split a MatMul's outliers only when that shrinks its activation's range at least "
+                "this many times (each split adds four small ops).",
+            },
             "outlier_max_channels": {
                 "type": "integer",
                 "minimum": 1,
@@ -391,10 +400,12 @@ class QuantizeDynamic(Pass):
             lambda path: ctx.runners.session(path, default_threads()),
         )
         model, records = decompose_outliers(
-            float_model, absmax, threshold, options["outlier_max_channels"], set(options["nodes_to_exclude"])
+            float_model, absmax, threshold, options["outlier_max_channels"], set(options["nodes_to_exclude"]),
+            min_gain=options["outlier_min_gain"],
         )
         info: dict[str, Any] = {
             "threshold": threshold,
+            "min_gain": options["outlier_min_gain"],
             "samples": len(data[names[0]]),
             "decomposed": len(records),
             "of": len(nodes),

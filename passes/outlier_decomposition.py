@@ -91,8 +91,19 @@ def outlier_channels(absmax: np.ndarray, threshold: float, max_channels: int) ->
     return np.sort(idx).astype(np.int64)
 
 
+def _gain(absmax: np.ndarray, idx: np.ndarray) -> float:
+    """How many times the activation's absolute maximum shrinks once ``idx`` are split off."""
+    rest = np.delete(absmax, idx)
+    return float(absmax[idx].max() / max(float(rest.max()) if len(rest) else 1.0, 1e-12))
+
+
 def decompose_outliers(
-    model: Any, absmax: dict[str, np.ndarray], threshold: float, max_channels: int, exclude: set[str] = frozenset()
+    model: Any,
+    absmax: dict[str, np.ndarray],
+    threshold: float,
+    max_channels: int,
+    exclude: set[str] = frozenset(),
+    min_gain: float = 1.0,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """A copy of ``model`` (``onnx.ModelProto``) with each weight MatMul's outlier channels split off.
 
@@ -100,7 +111,8 @@ def decompose_outliers(
     (:func:`outlier_channels` of ``absmax[x]``), one ``Mul(x, mask)`` and one
     ``Gather(x, idx, axis=-1)`` are added (shared by every MatMul reading ``x``, e.g. the Q, K and V
     projections); each such MatMul reads the masked ``x``, and ``MatMul(Gather(x), W[idx])`` (in
-    float, node name ending in :data:`OUTLIER_MATMUL_SUFFIX`) is added to its result. When the
+    float, node name ending in :data:`OUTLIER_MATMUL_SUFFIX`) is added to its result, when that
+    shrinks the activation's absolute maximum at least ``min_gain`` times. When the
     MatMul's only consumer adds a constant bias, the sum is taken after the bias ``Add``, so ONNX
     Runtime still fuses the INT8 MatMul with its bias (``MatMulIntegerToFloat``). Nodes whose
     input has no statistics are left as they are.
@@ -114,9 +126,10 @@ def decompose_outliers(
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
     targets = weight_matmuls(m, exclude)
+    inputs = {n.name: n.input[0] for n in targets}
     chosen = {n.name: outlier_channels(absmax[n.input[0]], threshold, max_channels)
               for n in targets if n.input[0] in absmax}
-    chosen = {k: v for k, v in chosen.items() if len(v)}
+    chosen = {k: v for k, v in chosen.items() if len(v) and _gain(absmax[inputs[k]], v) >= min_gain}
     graph = list(m.graph.node)
     position = {n.name: k for k, n in enumerate(graph) if n.name}
     consumers: dict[str, list[int]] = {}
@@ -164,13 +177,9 @@ def decompose_outliers(
             helper.make_node("Add", [f"{p}__accelc_inlier_out", f"{p}__accelc_outlier_out"], [total],
                              name=f"{p}__accelc_outlier_add"),
         ])
-        rest = np.delete(a, idx)
-        records.append({
-            "node": p,
-            "channels": len(idx),
-            "of": int(w.shape[0]),
-            "absmax_ratio": round(float(a[idx].max() / max(float(rest.max()) if len(rest) else 1.0, 1e-12)), 2),
-        })
+        records.append(
+            {"node": p, "channels": len(idx), "of": int(w.shape[0]), "absmax_ratio": round(_gain(a, idx), 2)}
+        )
     nodes: list[Any] = []
     for k, n in enumerate(graph):
         nodes += [*before.get(k, []), n, *after.get(k, [])]

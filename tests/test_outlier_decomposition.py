@@ -145,3 +145,14 @@ def test_projections_of_one_activation_share_the_split_and_keep_their_bias_add(t
     onnx.save(dec, str(path))
     onnx.checker.check_model(dec)
     np.testing.assert_allclose(_run(path, x), _run(src, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_that_barely_shrinks_the_range_is_not_made():
+    rng = np.random.default_rng(4)
+    model = _matmul_model(rng.normal(0, 0.1, (K, N)).astype(np.float32))
+    a = np.ones(K, np.float32)
+    a[[3, 9]] = [8.0, 7.0]  # both above 6x the median, but splitting off 3 alone would leave 7
+    _, records = decompose_outliers(model, {"h": a}, threshold=6, max_channels=1, min_gain=1.5)
+    assert records == []  # 8 / 7 < 1.5: not worth four more ops
+    _, records = decompose_outliers(model, {"h": a}, threshold=6, max_channels=2, min_gain=1.5)
+    assert records[0]["channels"] == 2 and records[0]["absmax_ratio"] == 8.0  # the largest, 8, over 1
