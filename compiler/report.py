@@ -162,8 +162,9 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
             lines += ["", f"Outlier channels (in every trial): {oc['channels']} activation channel(s) of "
                       f"{oc['decomposed']} of {oc['of']} MatMuls multiply in float beside the INT8 MatMul "
                       f"(absolute maximum above {oc['threshold']:g}x the median channel's on {oc['samples']} "
-                      f"calibration samples; split where the MatMul's input range shrinks at least "
-                      f"{oc.get('min_gain', 1):g}x)."]
+                      "calibration samples"
+                      + (f"; split where the MatMul's input range shrinks at least {oc['min_gain']:g}x"
+                         if oc.get("min_gain", 1) > 1 else "") + ")."]
     elif lat:
         lines += ["", f"Kept: `{m.get('method')}`. Float model: {_fmt(lat.get('fp32_ms'))} ms ({where})."]
     else:
