@@ -121,6 +121,16 @@ VERIFY_COLUMNS = tuple((k, h) for k, h in TRIAL_COLUMNS if k not in ("p50_ms", "
 SENSITIVITY_ROWS = 15
 
 
+def _measured(columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The ``(metric key, header)`` columns that some row has a value for."""
+    return [(k, h) for k, h in columns if any(r.get(k) is not None for r in rows)]
+
+
+def _header(cells: list[str]) -> list[str]:
+    """A Markdown table's header and rule lines."""
+    return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+
+
 def _names(nodes: list[str], limit: int = 6) -> str:
     if not nodes:
         return "none"
@@ -140,9 +150,8 @@ def _trials_markdown(stage: dict[str, Any]) -> list[str]:
     lines = ["", f"## Trials of `{stage['node']}`", ""]
     if m.get("tolerances"):
         lines += [f"Tolerances: {', '.join(f'{k} {v:g}' for k, v in m['tolerances'].items())}.", ""]
-    shown = [(k, h) for k, h in TRIAL_COLUMNS if any(t.get(k) is not None for t in trials)]
-    lines += ["| " + " | ".join([head, *(h for _, h in shown), "meets tolerances", "kept"]) + " |",
-              "|" + "---|" * (len(shown) + 3)]
+    shown = _measured(TRIAL_COLUMNS, trials)
+    lines += _header([head, *(h for _, h in shown), "meets tolerances", "kept"])
     for t in trials:
         if by_method:
             what = t["method"] + (f" ({t['percentile']:g})" if "percentile" in t else "")
@@ -356,10 +365,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     lines += ["", "## Accuracy"]
     ver = [s for s in report["stages"] if s["pass"] == "verify" and s["metrics"]]
     if ver:
-        cols = [(k, h) for k, h in VERIFY_COLUMNS if any(v["metrics"].get(k) is not None for v in ver)]
+        cols = _measured(VERIFY_COLUMNS, [v["metrics"] for v in ver])
         lines += ["", "Verification against the source model:", "",
-                  "| " + " | ".join(["stage", "samples", *(h for _, h in cols), "status"]) + " |",
-                  "|" + "---|" * (len(cols) + 3)]
+                  *_header(["stage", "samples", *(h for _, h in cols), "status"])]
         for s in ver:
             m = s["metrics"]
             cells = [f"`{s['node']}`", str(m.get("samples")), *(_fmt(m.get(k)) for k, _ in cols), s["status"]]

@@ -46,6 +46,7 @@ from accelc.tolerances import TOLERANCES_SCHEMA, tolerance_failures
 from .loading import iter_batches, load_arrays
 from .outlier_decomposition import OUTLIER_MATMUL_SUFFIX, channel_absmax, decompose_outliers, weight_matmuls
 from .output_metrics import OUTPUT_KINDS, compare_by_kind, infer_output_kind
+from .sensitivity import exposed
 
 #: Op types ``quantize_dynamic`` is asked to quantize by default.
 DEFAULT_OP_TYPES = ("MatMul", "Attention", "LSTM")
@@ -154,7 +155,7 @@ def rank_by_local_error(
 
     Each node's float activation input is read from the float model on ``arrays`` (one batch),
     quantized as at run time (:func:`_activation_quant`) and multiplied by its quantized weight;
-    ``relative_error`` is ``||x̂ Ŵ - x W|| / ||x W||`` (Frobenius). ``session(path)`` opens the
+    ``relative_error`` is ``||x̂ Ŵ - x W|| / ||x W||`` (Frobenius). ``session(model bytes)`` opens the
     probe model (an :class:`accelc.runners.Session`; default: ONNX Runtime's CPU session).
     Returns ``[{"node", "op_type", "relative_error"}]``.
     """
@@ -171,20 +172,14 @@ def rank_by_local_error(
     ]
     if not cands:
         return []
-    have = {o.name for o in model.graph.output}
-    for t in {n.input[0] for n in cands} - have:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory(prefix="accelc-dynq-") as tmp:
-        probe = Path(tmp) / "probe.onnx"
-        onnx.save(model, str(probe))
-        if session is None:
-            from .onnxruntime import ort_trial_session
+    probe, out_names = exposed(model, sorted({n.input[0] for n in cands}))
+    if session is None:
+        from .onnxruntime import ort_trial_session
 
-            sess = ort_trial_session(probe, default_threads())
-        else:
-            sess = session(probe)
-        out_names = [o.name for o in model.graph.output]
-        values = dict(zip(out_names, sess.run({k: arrays[k] for k in names}), strict=True))
+        sess = ort_trial_session(probe, default_threads())
+    else:
+        sess = session(probe)
+    values = dict(zip(out_names, sess.run({k: arrays[k] for k in names}), strict=True))
     ranking = []
     for n in cands:
         x = values[n.input[0]].astype(np.float64)
@@ -397,7 +392,7 @@ class QuantizeDynamic(Pass):
             src,
             [feeds for _, feeds in iter_batches(data, names, batch)],
             sorted({n.input[0] for n in nodes}),
-            lambda path: ctx.runners.session(path, default_threads()),
+            lambda model: ctx.runners.session(model, default_threads()),
         )
         model, records = decompose_outliers(
             float_model, absmax, threshold, options["outlier_max_channels"], set(options["nodes_to_exclude"]),

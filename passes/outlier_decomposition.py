@@ -52,30 +52,22 @@ def channel_absmax(
 
     ``tensors`` are activation names in the model at ``model_path`` (their last axis is the
     channel axis); they are exposed as extra graph outputs of a probe model, run by
-    ``session(path)`` (an :class:`accelc.runners.Session` factory) once per batch, so memory
-    holds one batch's activations. Raises whatever the session raises on a bad feed.
+    ``session(model bytes)`` (an :class:`accelc.runners.Session` factory) once per batch, so
+    memory holds one batch's activations. Raises whatever the session raises on a bad feed.
     """
-    import tempfile
-
     import onnx
 
-    model = onnx.load(str(model_path))
-    have = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    out_names = [o.name for o in model.graph.output]
+    from .sensitivity import exposed
+
+    probe, out_names = exposed(onnx.load(str(model_path)), tensors)
+    sess = session(probe)
     absmax: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix="accelc-outliers-") as tmp:
-        probe = Path(tmp) / "probe.onnx"
-        onnx.save(model, str(probe))
-        sess = session(probe)
-        for feeds in batches:
-            values = dict(zip(out_names, sess.run(feeds), strict=True))
-            for t in tensors:
-                v = values[t]
-                m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0).astype(np.float32)
-                absmax[t] = m if t not in absmax else np.maximum(absmax[t], m)
+    for feeds in batches:
+        values = dict(zip(out_names, sess.run(feeds), strict=True))
+        for t in tensors:
+            v = values[t]
+            m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0).astype(np.float32)
+            absmax[t] = m if t not in absmax else np.maximum(absmax[t], m)
     return absmax
 
 
@@ -127,8 +119,9 @@ def decompose_outliers(
     inits = {t.name: t for t in m.graph.initializer}
     targets = weight_matmuls(m, exclude)
     inputs = {n.name: n.input[0] for n in targets}
+    # unnamed nodes cannot be told apart in the records
     chosen = {n.name: outlier_channels(absmax[n.input[0]], threshold, max_channels)
-              for n in targets if n.input[0] in absmax}
+              for n in targets if n.name and n.input[0] in absmax}
     chosen = {k: v for k, v in chosen.items() if len(v) and _gain(absmax[inputs[k]], v) >= min_gain}
     graph = list(m.graph.node)
     position = {n.name: k for k, n in enumerate(graph) if n.name}
@@ -142,7 +135,7 @@ def decompose_outliers(
     records: list[dict[str, Any]] = []
     for n in targets:
         idx = chosen.get(n.name)
-        if idx is None or not n.name:  # unnamed nodes cannot be told apart in the records
+        if idx is None:
             continue
         x, p = n.input[0], n.name
         a = absmax[x]

@@ -311,19 +311,21 @@ def rank_units(
     return rows
 
 
-def _exposed(model: Any, tensors: list[str]) -> bytes:
-    """``model`` (ModelProto) serialized with ``tensors`` added as graph outputs (float, shape unknown)."""
+def exposed(model: Any, tensors: list[str]) -> tuple[bytes, list[str]]:
+    """``model`` (ModelProto, left unchanged) serialized with ``tensors`` added as graph outputs
+    (float, shape unknown), and the output names in the order a session returns them: the
+    model's own, then the added ones not already among them."""
     import onnx
     from onnx import TensorProto, helper
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
+    names = [o.name for o in m.graph.output]
     for t in tensors:
-        if t not in have:
+        if t not in names:
             m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-            have.add(t)
-    return m.SerializeToString()
+            names.append(t)
+    return m.SerializeToString(), names
 
 
 def rank_units_sqnr(
@@ -397,11 +399,11 @@ def rank_units_sqnr(
     q_names = sorted({t for _, _, qo, ins in plans for t in [qo, *(b for _, b in ins)]})
     pairs = sorted({(fo, qo) for _, fo, qo, _ in plans} | {p for *_, ins in plans for p in ins})
     make = _session(session)
-    fs = make(_exposed(float_model, f_names), threads=threads)
-    qs = make(_exposed(qdq_model, q_names), threads=threads)
+    (f_bytes, f_out), (q_bytes, q_out) = exposed(float_model, f_names), exposed(qdq_model, q_names)
+    fs = make(f_bytes, threads=threads)
+    qs = make(q_bytes, threads=threads)
     noise = dict.fromkeys(pairs, 0.0)
     signal = dict.fromkeys(pairs, 0.0)
-    f_out, q_out = _output_names(float_model, f_names), _output_names(qdq_model, q_names)
     for _, chunk in iter_batches(arrays, names, batch):
         fd = dict(zip(f_out, fs.run(chunk), strict=True))
         qd = dict(zip(q_out, qs.run(chunk), strict=True))
@@ -441,12 +443,6 @@ def sensitivity_label(row: dict[str, Any]) -> str:
     if "added_nsr" in row:
         return f"added noise {row['added_nsr']:.3g} (output SQNR {row['sqnr_db']:.1f} dB)"
     return f"cosine loss {row['cosine_loss']:.3g}"
-
-
-def _output_names(model: Any, added: list[str]) -> list[str]:
-    """Output names of ``model`` with ``added`` appended (as :func:`_exposed` orders them)."""
-    names = [o.name for o in model.graph.output]
-    return names + [t for t in added if t not in names]
 
 
 def search_fallback(

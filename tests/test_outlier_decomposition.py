@@ -48,8 +48,11 @@ def _run(path, x):
 
 
 class _Session:
-    def __init__(self, path):
-        self.s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """A session factory as accelc's runners give one: a path or serialized model bytes."""
+
+    def __init__(self, model):
+        model = model if isinstance(model, bytes) else str(model)
+        self.s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
     def run(self, feeds):
         return self.s.run(None, feeds)
