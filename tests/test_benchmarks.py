@@ -626,3 +626,12 @@ def test_onnx_runtime_workers_do_not_load_the_recipe_so_torch_stays_out_of_their
     assert out.tolist() == [[0.0, 0.5, 2.0]]
     with pytest.raises(Exception, match="no-such-recipe"):
         V.serve_call("eager", spec)
+
+
+def test_transformer_variants_extra_models_need_a_new_variant_name(capsys):
+    from benchmarks import transformer_variants as TV
+
+    for bad in ("eager=model.onnx", "not-an-identifier=model.onnx"):
+        with pytest.raises(SystemExit) as e:
+            TV.main(["--extra", bad])
+        assert e.value.code == 2 and "--extra: NAME must be a new identifier" in capsys.readouterr().err
