@@ -72,7 +72,13 @@ def pin_float_nodes(model: Any) -> list[str]:
     return [n.name for n, _ in pinned]
 
 
-def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str]) -> list[str]:
+def unquantize_float_inputs(
+    model: Any,
+    float_model: Any,
+    float_nodes: set[str],
+    only_after_float: bool = False,
+    op_types: set[str] | frozenset[str] | None = None,
+) -> list[str]:
     """Remove the QuantizeLinear/DequantizeLinear pairs in front of float nodes.
 
     Every ``DequantizeLinear`` of an activation (its input written by a ``QuantizeLinear``) whose
@@ -88,7 +94,12 @@ def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str])
     whose float-graph producer is missing for any other reason is left quantized.
 
     Numerically the float nodes then see the producer's unrounded output: one quantization
-    error fewer. Edits ``model`` in place; returns the names of the rewired consumers.
+    error fewer. With ``only_after_float`` a pair is bypassed only where nothing INT8 writes it:
+    its tensor is a graph input, or its producer is a float node or reads no dequantized
+    tensor (ONNX Runtime's layout keeps the pair after an INT8 node, which fuses with the Q).
+    With ``op_types`` (the op types the quantizer quantizes), a consumer of another type counts
+    as float too.
+    Edits ``model`` in place; returns the names of the rewired consumers.
     """
     import onnx
 
@@ -103,19 +114,24 @@ def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str])
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
+    graph_inputs = {i.name for i in g.input}
     rewired: list[str] = []
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
         q = producer.get(dq.input[0])
         users = consumers.get(dq.output[0], [])
         if q is None or q.op_type != "QuantizeLinear" or not users or dq.output[0] in outputs:
             continue
-        if not all(u.name in float_nodes for u in users):
+        if not all(u.name in float_nodes or (op_types is not None and u.op_type not in op_types) for u in users):
             continue
         source = q.input[0]
-        fp = float_producer.get(source)
-        if fp is None or (fp.name not in in_qdq and fp.op_type not in FOLDABLE_ACTIVATIONS):
+        if only_after_float and _int8_producer(producer.get(source), producer, float_nodes):
             continue
-        if fp.name not in in_qdq:  # a folded activation: run it in float again
+        fp = float_producer.get(source)
+        if source in graph_inputs:
+            fp = None
+        elif fp is None or (fp.name not in in_qdq and fp.op_type not in FOLDABLE_ACTIVATIONS):
+            continue
+        if fp is not None and fp.name not in in_qdq:  # a folded activation: run it in float again
             act = onnx.NodeProto()
             act.CopyFrom(fp)
             act.name = f"{fp.name}_float"
@@ -138,6 +154,37 @@ def unquantize_float_inputs(model: Any, float_model: Any, float_nodes: set[str])
     return rewired
 
 
+def _float_graph_outputs(model: Any, float_nodes: set[str]) -> None:
+    """Where a float node's output reaches a graph output only through a Q/DQ pair, let the node
+    write the graph output itself (edits ``model`` in place)."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in [n for n in g.node if n.name in float_nodes]:
+        q = consumers.get(n.output[0], [])
+        if len(q) != 1 or q[0].op_type != "QuantizeLinear" or n.output[0] in outputs:
+            continue
+        dq = consumers.get(q[0].output[0], [])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or dq[0].output[0] not in outputs:
+            continue
+        if consumers.get(dq[0].output[0]):
+            continue
+        n.output[0] = dq[0].output[0]
+        g.node.remove(q[0])
+        g.node.remove(dq[0])
+
+
+def _int8_producer(node: Any, producer: dict[str, Any], float_nodes: set[str]) -> bool:
+    """Whether ``node`` (``None``: a graph input) runs in INT8: it is not a float node and reads a
+    ``DequantizeLinear``'s output."""
+    if node is None or node.name in float_nodes:
+        return False
+    return any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)
+
+
 def prune_dead_nodes(model: Any) -> int:
     """Remove nodes none of whose outputs is consumed or a graph output (repeatedly, so chains
     such as QuantizeLinear -> DequantizeLinear go together), then unused initializers.
@@ -157,3 +204,84 @@ def prune_dead_nodes(model: Any) -> int:
         g.initializer.remove(init)
     return removed
 
+
+
+def float_units(
+    qdq_model: Any,
+    float_model: Any,
+    nodes: list[str] | set[str],
+    float_nodes: set[str] | None = None,
+    op_types: set[str] | frozenset[str] | None = None,
+) -> list[str]:
+    """Run the named quantized nodes of ``qdq_model`` in float again, everything else as it is.
+
+    Graph surgery instead of a new ``quantize_static`` call with ``nodes_to_exclude``: each
+    named node's weight and bias inputs that come through a ``DequantizeLinear`` of an
+    initializer (INT8 weight, INT32 bias) are replaced by the float model's initializers of the
+    same node (same node names, as ``quantize_static`` keeps them). Its activation input keeps
+    reading the ``DequantizeLinear`` (ONNX Runtime's layout for a float node after an INT8 one:
+    the producer still fuses into one INT8 op) and its output keeps its Q/DQ pair, so an
+    activation the quantizer folded into the node (a ``Relu``/``Clip`` whose range the Q clamps
+    to) is still applied, by that Q. The other layers keep what they had, bias-corrected biases
+    included. A Q/DQ pair between float nodes (``nodes`` and ``float_nodes``, the nodes already
+    float in ``qdq_model``, folded activations included; with ``op_types``, the op types the
+    quantizer quantizes, nodes of other types too), between a graph input and float nodes, or
+    between a float node and a graph output is removed, as ``quantize_static`` leaves none there (:func:`unquantize_float_inputs`
+    with ``only_after_float``). Unused Q/DQ nodes and initializers are then pruned and float
+    Conv/Gemm nodes pinned (:func:`pin_float_nodes`).
+
+    Edits ``qdq_model`` (an ``onnx.ModelProto``) in place; returns the names of the nodes made
+    float (named nodes with nothing quantized to restore are left out).
+
+    A named node missing from ``qdq_model`` (an activation the quantizer folded) only counts as float.
+
+    Raises:
+        ValueError: a named node is not in the float model, or has fewer inputs there.
+    """
+    import onnx
+
+    g = qdq_model.graph
+    q_nodes = {n.name: n for n in g.node}
+    f_nodes = {n.name: n for n in float_model.graph.node}
+    f_inits = {i.name: i for i in float_model.graph.initializer}
+    float_nodes = set(nodes) | set(float_nodes or ())
+    missing = sorted(n for n in nodes if n not in f_nodes)
+    if missing:
+        raise ValueError(f"float_units: no node named {', '.join(missing)} in the float model")
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    restored: list[str] = []
+    for name in nodes:
+        if name not in q_nodes:  # an activation the quantizer folded into its producer
+            continue
+        qn, fn = q_nodes[name], f_nodes[name]
+        if len(fn.input) < len(qn.input):
+            raise ValueError(f"float_units: node '{name}' has {len(fn.input)} inputs in the float model, "
+                             f"{len(qn.input)} in the QDQ model")
+        changed = False
+        for k, t in enumerate(qn.input):
+            dq = producer.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                continue
+            src = fn.input[k]
+            if src not in f_inits:
+                continue
+            fresh = src if src not in producer else f"{src}_float"  # ORT names a bias's DQ output after it
+            if fresh not in inits:
+                init = onnx.TensorProto()
+                init.CopyFrom(f_inits[src])
+                init.name = fresh
+                g.initializer.append(init)
+                inits.add(fresh)
+            qn.input[k] = fresh
+            changed = True
+        if changed:
+            restored.append(name)
+    if restored:
+        # as quantize_static lays out excluded nodes: no Q/DQ pair between float nodes, nor
+        # between a float node and a graph output
+        _float_graph_outputs(qdq_model, set(restored))
+        unquantize_float_inputs(qdq_model, float_model, set(float_nodes), only_after_float=True, op_types=op_types)
+        prune_dead_nodes(qdq_model)
+        pin_float_nodes(qdq_model)
+    return restored

@@ -43,6 +43,7 @@ from .loading import load_arrays
 from .quantizer import (
     FORMAT_OPTIONS,
     METHODS,
+    exclude_nodes,
     quantize_model,
     quantized_op_types,
 )
@@ -346,7 +347,10 @@ class Quantize(Pass):
     needs about ``log2(max_fp32_nodes)`` trials but assumes the metric improves with ``k``, which
     top-1 agreement on a small set of near-tie samples need not do. ``max_fp32_nodes`` counts
     quantized nodes; an activation folded into a node (Clip, Relu) falls back with it and is
-    not counted. Every trial is recorded
+    not counted. The model is quantized once (``quantize_static``); each trial is that model
+    with its nodes made float again by graph surgery and bias-corrected afresh
+    (:func:`accelc.passes.quantizer.exclude_nodes`, the same model a ``nodes_to_exclude`` call
+    would write, without a quantizer run per trial). Every trial is recorded
     (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, each model timed
     alone in a worker process, the float one too), with ``sensitivity`` and ``latency`` (float,
     full INT8 and kept model, p50 ms; ``slower_than_float`` says so when the kept model is).
@@ -505,8 +509,10 @@ class Quantize(Pass):
         with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-", dir=ctx.scratch) as tmp_dir:
             tmp = Path(tmp_dir)
             ctx.progress("full INT8: quantize and verify")
-            full = quantize_model(
-                model_path, table, tmp / "trial0.onnx", options, calibration=calibration, session=evaluator.session
+            # quantized once; every trial below is this model with some nodes made float again
+            raw = quantize_model(model_path, table, tmp / "raw.onnx", {**options, "bias_correction": False})
+            full = exclude_nodes(
+                model_path, raw, tmp / "trial0.onnx", options, [], calibration=calibration, session=evaluator.session
             )
             first = {"trial": 0, "fp32_nodes": [], **_trial_record(evaluator.metrics(full), tolerances)}
             trials, files = [first], {0: full}
@@ -521,13 +527,13 @@ class Quantize(Pass):
 
                 def trial(k: int) -> dict[str, Any]:
                     fp32 = [r["node"] for r in ranking[:k]]
-                    excl = user_excl + [n for r in ranking[:k] for n in r["nodes"]]
+                    excl = [n for r in ranking[:k] for n in r["nodes"]]
                     ctx.progress(
                         f"fallback trial {len(trials)} ({k} node(s) in float, at most {options['max_fp32_nodes']})"
                     )
-                    path = quantize_model(
+                    path = exclude_nodes(
                         model_path,
-                        table,
+                        raw,
                         tmp / f"trial{len(trials)}.onnx",
                         options,
                         excl,

@@ -15,7 +15,7 @@ from accelc.errors import PassError
 from accelc.runners import SessionFactoryFn, default_threads
 
 from .bias_correction import correct_bias
-from .qdq import pin_float_nodes, unquantize_float_inputs
+from .qdq import float_units, pin_float_nodes, unquantize_float_inputs
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "mse": "MinMax"}
 
@@ -162,12 +162,65 @@ def quantize_model(
         changed = bool(unquantize_float_inputs(q, onnx.load(str(model)), set(exclude)))
     if pin_float_nodes(q) or changed:
         onnx.save(q, str(out))
-    if opts["bias_correction"]:
-        if calibration is None:
-            raise PassError("quantize.bias_correction needs the calibration samples (add data.calibration)")
-        try:
-            correct_bias(model, out, calibration, threads=default_threads(), session=session)
-        except Exception as e:
-            raise PassError(f"quantize: bias correction: {type(e).__name__}: {e}") from e
+    _correct(model, out, opts, calibration, session)
+    return out
+
+
+def _correct(
+    model: Path, out: Path, opts: dict[str, Any], calibration: dict[str, np.ndarray] | None,
+    session: SessionFactoryFn | None,
+) -> None:
+    """Bias-correct ``out`` against ``model`` when ``opts["bias_correction"]`` (see :func:`quantize_model`)."""
+    if not opts["bias_correction"]:
+        return
+    if calibration is None:
+        raise PassError("quantize.bias_correction needs the calibration samples (add data.calibration)")
+    try:
+        correct_bias(model, out, calibration, threads=default_threads(), session=session)
+    except Exception as e:
+        raise PassError(f"quantize: bias correction: {type(e).__name__}: {e}") from e
+
+
+def exclude_nodes(
+    model: Path,
+    raw: Path,
+    out: Path,
+    options: dict[str, Any],
+    nodes: list[str],
+    calibration: dict[str, np.ndarray] | None = None,
+    session: SessionFactoryFn | None = None,
+) -> Path:
+    """``raw`` (a QDQ model :func:`quantize_model` made from ``model`` without bias correction) with
+    ``nodes`` (float-graph names; folded activations may be among them) kept in float, into ``out``.
+
+    The same model as ``quantize_model(model, table, out, options, nodes_to_exclude + nodes)``,
+    by graph surgery (:func:`accelc.passes.qdq.float_units`) instead of a second
+    ``quantize_static`` call: the named nodes get their float weights and biases back, Q/DQ pairs
+    between float nodes go, the ``float_node_inputs`` layout and the pins are applied as
+    ``quantize_model`` applies them, then the whole model is bias-corrected afresh on
+    ``calibration`` (the upstream float nodes change what every later layer must correct).
+    Measured on EfficientNet-Lite0 against ``quantize_static`` with ``nodes_to_exclude`` (1 to 6
+    Conv/Gemm nodes in float, bias-corrected): the same verification metrics to the last digit,
+    in 0.02 s instead of about 0.8 s per model (tests/test_qdq_surgery.py checks the outputs).
+
+    Raises:
+        PassError: a node is not in ``model``, or the bias correction failed (see :func:`quantize_model`).
+    """
+    import onnx
+
+    opts = {k: spec.get("default") for k, spec in FORMAT_OPTIONS.items()}
+    opts.update({k: v for k, v in options.items() if k in FORMAT_OPTIONS})
+    float_model = onnx.load(str(model))
+    q = onnx.load(str(raw))
+    excluded = set(opts["nodes_to_exclude"]) | set(nodes)
+    try:
+        float_units(q, float_model, nodes, excluded, quantized_op_types(opts))
+    except ValueError as e:
+        raise PassError(f"quantize: {e}") from e
+    if opts.get("float_node_inputs") == "float":
+        unquantize_float_inputs(q, float_model, excluded)
+        pin_float_nodes(q)
+    onnx.save(q, str(out))
+    _correct(model, out, opts, calibration, session)
     return out
 
