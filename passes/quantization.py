@@ -97,6 +97,47 @@ def _slower_than_float(lat: dict[str, Any]) -> str | None:
     return None
 
 
+#: Where ``calibrate: auto`` keeps its kept trial's INT8 model inside the table artifact:
+#: ``raw.onnx`` (``quantize_static``'s output) and ``model.onnx`` (bias-corrected when the format says so).
+INT8_DIR = "int8"
+
+
+def _format(options: dict[str, Any]) -> dict[str, Any]:
+    """The format options (:data:`FORMAT_OPTIONS`) with their defaults filled in."""
+    fmt = {k: spec.get("default") for k, spec in FORMAT_OPTIONS.items()}
+    fmt.update({k: v for k, v in options.items() if k in FORMAT_OPTIONS})
+    return fmt
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A verification's numbers as JSON values (numpy scalars to Python's)."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in metrics.items()
+            if isinstance(v, (int, float, str, bool, np.generic)) or v is None}
+
+
+def _reusable_int8(inputs: dict[str, Artifact], options: dict[str, Any], runtime: str) -> tuple[Path, Path, dict] | None:
+    """``(raw, corrected, verification metrics)`` of the full INT8 model ``calibrate: auto`` built from this
+    table, when it is the model this quantize step would build: same float model, calibration samples,
+    format options (exclusions and bias correction included) and trial runtime. ``None`` otherwise."""
+    table = inputs["table"]
+    int8 = table.meta.get("int8")
+    folder = table.path / INT8_DIR
+    if not int8 or not (folder / "raw.onnx").is_file() or not (folder / "model.onnx").is_file():
+        return None
+    same = (
+        int8.get("format") == _format(options)
+        and int8.get("runtime") == runtime
+        and int8.get("model") == inputs["model"].digest
+        and "calibration" in inputs
+        and int8.get("calibration") == inputs["calibration"].digest
+    )
+    return (folder / "raw.onnx", folder / "model.onnx", int8["metrics"]) if same else None
+
+
+#: Samples per run of a sensitivity probe model (when the batch dimension is dynamic).
+SENSITIVITY_BATCH = 2
+
+
 #: Methods ``auto`` tries by default. ``mse`` is left out: on EfficientNet-Lite0 it moved the
 #: kept model by one crop of 96 (top-1 0.958 -> 0.969 with the same 6 float nodes) for one more
 #: trial (about 3 s of a 76 s cold build).
@@ -123,10 +164,13 @@ class Calibrate(Pass):
     under ``selection.tolerances``) becomes ``calibration.json``; every table is kept under
     ``tables/``. Metrics: ``trials`` (method, verification metrics, p50 latency at batch 1)
     and ``kept``. ``selection.runtime`` is what runs the trials (lowering sets the recipe's).
+    The kept trial's INT8 model stays in the artifact (``int8/raw.onnx``, ``int8/model.onnx``;
+    the artifact's meta ``int8`` says what made it and its verification), so a ``quantize`` step
+    with the same format options starts from it instead of building it again.
     """
 
     name = "calibrate"
-    version = "4"
+    version = "5"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("data", ("calibration.data",)),
@@ -265,6 +309,7 @@ class Calibrate(Pass):
         tables = ctx.workdir / "tables"
         tables.mkdir()
         trials: list[dict[str, Any]] = []
+        verified: dict[str, dict[str, Any]] = {}
         tensors = 0
         with tempfile.TemporaryDirectory(prefix="accelc-calib-trials-", dir=ctx.scratch) as tmp:
             models: dict[str, str | Path] = {"fp32": inputs["model"].file}
@@ -279,16 +324,17 @@ class Calibrate(Pass):
                 table = tables / f"{method}.json"
                 save_tensors_data(ranges, table)
                 ctx.progress(f"trial {method}: quantize and verify")
-                q = quantize_model(
-                    inputs["model"].file,
-                    table,
-                    Path(tmp) / f"{method}.onnx",
-                    sel.get("quantize", {}),
-                    calibration=data,
+                fmt = sel.get("quantize", {})
+                raw = quantize_model(
+                    inputs["model"].file, table, Path(tmp) / f"{method}_raw.onnx", {**fmt, "bias_correction": False}
+                )
+                q = exclude_nodes(
+                    inputs["model"].file, raw, Path(tmp) / f"{method}.onnx", fmt, [], calibration=data,
                     session=evaluator.session,
                 )
                 rec = {"method": method, **({"percentile": options["percentile"]} if method == "percentile" else {})}
-                rec.update(_trial_record(evaluator.metrics(q), tolerances))
+                verified[method] = evaluator.metrics(q)
+                rec.update(_trial_record(verified[method], tolerances))
                 trials.append(rec)
                 models[method] = q
                 ctx.progress("calibration trials (one per method)", i + 1, len(options["candidates"]))
@@ -298,13 +344,24 @@ class Calibrate(Pass):
                 ctx, models, _latency_feeds(evaluator), runtime, sel.get("latency_iterations", 20)
             )
             timing["latency"] = time.perf_counter() - clock
-        for rec in trials:
-            rec["p50_ms"] = lat[rec["method"]]
-        # max() keeps the first of equal keys: candidates are tried in the order given
-        best = max(trials, key=lambda r: quality_key(r, tolerances))
-        for rec in trials:
-            rec["kept"] = rec is best
-        shutil.copyfile(tables / f"{best['method']}.json", ctx.workdir / "calibration.json")
+            for rec in trials:
+                rec["p50_ms"] = lat[rec["method"]]
+            # max() keeps the first of equal keys: candidates are tried in the order given
+            best = max(trials, key=lambda r: quality_key(r, tolerances))
+            for rec in trials:
+                rec["kept"] = rec is best
+            shutil.copyfile(tables / f"{best['method']}.json", ctx.workdir / "calibration.json")
+            # the kept trial's INT8 model, for a quantize step that would build the same one
+            (ctx.workdir / INT8_DIR).mkdir()
+            shutil.copyfile(Path(tmp) / f"{best['method']}_raw.onnx", ctx.workdir / INT8_DIR / "raw.onnx")
+            shutil.copyfile(models[best["method"]], ctx.workdir / INT8_DIR / "model.onnx")
+        int8 = {
+            "format": _format(sel.get("quantize", {})),
+            "runtime": runtime,
+            "model": inputs["model"].digest,
+            "calibration": inputs["data"].digest,
+            "metrics": _plain(verified[best["method"]]),
+        }
         return PassResult(
             "calibration.json",
             metrics={
@@ -321,6 +378,7 @@ class Calibrate(Pass):
                 "timing_s": {k: round(v, 2) for k, v in timing.items()},
                 "trials": trials,
             },
+            meta={"int8": int8},
         )
 
 
@@ -350,7 +408,10 @@ class Quantize(Pass):
     not counted. The model is quantized once (``quantize_static``); each trial is that model
     with its nodes made float again by graph surgery and bias-corrected afresh
     (:func:`accelc.passes.quantizer.exclude_nodes`, the same model a ``nodes_to_exclude`` call
-    would write, without a quantizer run per trial). Every trial is recorded
+    would write, without a quantizer run per trial). When ``calibrate: auto`` already built this
+    full INT8 model (its kept trial: same float model, calibration samples, format options and
+    runtime), that model and its verification are taken from the table artifact instead
+    (``full_int8`` in the metrics says so). Every trial is recorded
     (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, each model timed
     alone in a worker process, the float one too), with ``sensitivity`` and ``latency`` (float,
     full INT8 and kept model, p50 ms; ``slower_than_float`` says so when the kept model is).
@@ -488,9 +549,13 @@ class Quantize(Pass):
             ctx.progress("quantize and correct biases")
         tolerances = options.get("tolerances") or {}
         runtime = options.get("runtime", "onnxruntime")
+        reuse = _reusable_int8(inputs, options, runtime)
         if not options.get("fallback") or not tolerances:
-            session = trial_session(ctx, runtime)
-            quantize_model(model_path, table, out, options, calibration=calibration, session=session)
+            if reuse:  # calibrate already built and corrected this very model
+                shutil.copyfile(reuse[1], out)
+            else:
+                session = trial_session(ctx, runtime)
+                quantize_model(model_path, table, out, options, calibration=calibration, session=session)
             return PassResult("model.onnx", metrics=self._facts(out, user_excl), meta=inputs["model"].meta)
         for slot in ("reference", "validation"):
             if slot not in inputs:
@@ -508,13 +573,17 @@ class Quantize(Pass):
 
         with tempfile.TemporaryDirectory(prefix="accelc-quant-trials-", dir=ctx.scratch) as tmp_dir:
             tmp = Path(tmp_dir)
-            ctx.progress("full INT8: quantize and verify")
             # quantized once; every trial below is this model with some nodes made float again
-            raw = quantize_model(model_path, table, tmp / "raw.onnx", {**options, "bias_correction": False})
-            full = exclude_nodes(
-                model_path, raw, tmp / "trial0.onnx", options, [], calibration=calibration, session=evaluator.session
-            )
-            first = {"trial": 0, "fp32_nodes": [], **_trial_record(evaluator.metrics(full), tolerances)}
+            full = tmp / "trial0.onnx"
+            if reuse:  # calibrate: auto built and verified it already (its kept trial)
+                raw, corrected, verified = reuse
+                shutil.copyfile(corrected, full)
+            else:
+                ctx.progress("full INT8: quantize and verify")
+                raw = quantize_model(model_path, table, tmp / "raw.onnx", {**options, "bias_correction": False})
+                exclude_nodes(model_path, raw, full, options, [], calibration=calibration, session=evaluator.session)
+                verified = evaluator.metrics(full)
+            first = {"trial": 0, "fp32_nodes": [], **_trial_record(verified, tolerances)}
             trials, files = [first], {0: full}
             ranking: list[dict[str, Any]] = []
             kept: dict[str, Any] | None = first if first["passed"] else None
@@ -581,6 +650,7 @@ class Quantize(Pass):
                 "kept_ms": lat[str(chosen["trial"])],
             },
             "timing_s": {k: round(v, 2) for k, v in timing.items()},
+            **({"full_int8": "calibrate's kept trial (the same model, built and verified there)"} if reuse else {}),
             "trials": trials,
             "sensitivity": ranking,
             **sens_info,
@@ -619,6 +689,10 @@ class Quantize(Pass):
         arrays = {n: arrays[n][pick] for n in ctx.signature.names}
         rt, sess = validation.runtime, validation.session
         names, batch, threads = ctx.signature.names, validation.batch, validation.threads
+        if ctx.signature.inputs[0].batch_dim() is not None:
+            # small runs: 16 samples at batch 2 took 87 ms per probe model against 118 ms at batch 16
+            # (EfficientNet-Lite0, 2 threads), over 59 probes
+            batch = min(batch, SENSITIVITY_BATCH)
         float_out = arrays[names[0]]  # the samples analysed (for their count)
         evaluator = None
         if options.get("sensitivity_method") != "sqnr":

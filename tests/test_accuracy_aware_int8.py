@@ -170,6 +170,26 @@ def test_calibration_auto_keeps_the_best_trial_and_keeps_every_table(fallback_bu
     assert (entry / "calibration.json").read_bytes() == (entry / "tables" / f"{m['method']}.json").read_bytes()
 
 
+def test_quantize_starts_from_the_full_int8_model_calibrate_kept(fallback_build, tmp_path):
+    _, _, cache, outcome = fallback_build
+    cal, q = stage(outcome.report, "calibrate"), stage(outcome.report, "quantize")
+    assert "calibrate" in q["metrics"]["full_int8"]
+    kept = next(t for t in cal["metrics"]["trials"] if t["kept"])
+    full = q["metrics"]["trials"][0]
+    for k in ("top1_agreement", "cosine", "cosine_min", "mean_abs_error"):
+        assert full[k] == pytest.approx(kept[k], abs=1e-9)
+    entry = cache / "entries" / cal["artifact"]["key"]
+    assert (entry / "int8" / "raw.onnx").is_file() and (entry / "int8" / "model.onnx").is_file()
+    # a calibrate step scoring another format hands nothing over: quantize builds its own
+    recipe = write_project(
+        tmp_path / "other",
+        calibrate={"method": "auto", "selection": {"latency_iterations": 4, "quantize": {"per_channel": False}}},
+        quantize={"fallback": "auto", "max_fp32_nodes": 3, **QUICK},
+    )
+    other = build(recipe, out_dir=tmp_path / "other" / "out", cache_dir=tmp_path / "other" / "cache")
+    assert "full_int8" not in stage(other.report, "quantize")["metrics"]
+
+
 def test_report_shows_trials_and_sensitivity(fallback_build):
     _, _, cache, outcome = fallback_build
     md = (outcome.out_dir / "report.md").read_text()
