@@ -97,11 +97,6 @@ def _slower_than_float(lat: dict[str, Any]) -> str | None:
     return None
 
 
-#: Where ``calibrate: auto`` keeps its kept trial's INT8 model inside the table artifact:
-#: ``raw.onnx`` (``quantize_static``'s output) and ``model.onnx`` (bias-corrected when the format says so).
-INT8_DIR = "int8"
-
-
 def _format(options: dict[str, Any]) -> dict[str, Any]:
     """The format options (:data:`FORMAT_OPTIONS`) with their defaults filled in."""
     fmt = {k: spec.get("default") for k, spec in FORMAT_OPTIONS.items()}
@@ -109,29 +104,31 @@ def _format(options: dict[str, Any]) -> dict[str, Any]:
     return fmt
 
 
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A verification's numbers as JSON values (numpy scalars to Python's)."""
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in metrics.items()
-            if isinstance(v, (int, float, str, bool, np.generic)) or v is None}
+#: The full INT8 models ``calibrate: auto`` built for its kept table in this process, by what made
+#: them (:func:`_int8_key`): ``(raw bytes, corrected bytes, verification metrics)``. A ``quantize``
+#: step after it in the same build would build and verify the very same model; it takes it from
+#: here instead (about 3 s of a cold EfficientNet-Lite0 build). Only the last few; a quantize run in
+#: another process (a Ray worker) builds its own.
+_FULL_INT8: dict[tuple[str, ...], tuple[bytes, bytes, dict[str, Any]]] = {}
+_FULL_INT8_MAX = 2
 
 
-def _reusable_int8(inputs: dict[str, Artifact], options: dict[str, Any], runtime: str) -> tuple[Path, Path, dict] | None:
-    """``(raw, corrected, verification metrics)`` of the full INT8 model ``calibrate: auto`` built from this
-    table, when it is the model this quantize step would build: same float model, calibration samples,
-    format options (exclusions and bias correction included) and trial runtime. ``None`` otherwise."""
-    table = inputs["table"]
-    int8 = table.meta.get("int8")
-    folder = table.path / INT8_DIR
-    if not int8 or not (folder / "raw.onnx").is_file() or not (folder / "model.onnx").is_file():
-        return None
-    same = (
-        int8.get("format") == _format(options)
-        and int8.get("runtime") == runtime
-        and int8.get("model") == inputs["model"].digest
-        and "calibration" in inputs
-        and int8.get("calibration") == inputs["calibration"].digest
+def _int8_key(
+    model: Artifact, table: Path, options: dict[str, Any], runtime: str, calibration: Artifact
+) -> tuple[str, ...]:
+    """What decides the full INT8 model: the float model, the table's bytes, the format options
+    (exclusions and bias correction included), the runtime that corrects and verifies it, the
+    calibration samples."""
+    import hashlib
+    import json
+
+    return (
+        model.digest,
+        hashlib.sha256(table.read_bytes()).hexdigest(),
+        json.dumps(_format(options), sort_keys=True),
+        runtime,
+        calibration.digest,
     )
-    return (folder / "raw.onnx", folder / "model.onnx", int8["metrics"]) if same else None
 
 
 #: Samples per run of a sensitivity probe model (when the batch dimension is dynamic).
@@ -164,13 +161,12 @@ class Calibrate(Pass):
     under ``selection.tolerances``) becomes ``calibration.json``; every table is kept under
     ``tables/``. Metrics: ``trials`` (method, verification metrics, p50 latency at batch 1)
     and ``kept``. ``selection.runtime`` is what runs the trials (lowering sets the recipe's).
-    The kept trial's INT8 model stays in the artifact (``int8/raw.onnx``, ``int8/model.onnx``;
-    the artifact's meta ``int8`` says what made it and its verification), so a ``quantize`` step
-    with the same format options starts from it instead of building it again.
+    The kept trial's INT8 model is remembered in this process (:data:`_FULL_INT8`), so a
+    ``quantize`` step with the same format options starts from it instead of building it again.
     """
 
     name = "calibrate"
-    version = "5"
+    version = "4"
     inputs = (
         Slot("model", ("onnx",)),
         Slot("data", ("calibration.data",)),
@@ -352,16 +348,16 @@ class Calibrate(Pass):
                 rec["kept"] = rec is best
             shutil.copyfile(tables / f"{best['method']}.json", ctx.workdir / "calibration.json")
             # the kept trial's INT8 model, for a quantize step that would build the same one
-            (ctx.workdir / INT8_DIR).mkdir()
-            shutil.copyfile(Path(tmp) / f"{best['method']}_raw.onnx", ctx.workdir / INT8_DIR / "raw.onnx")
-            shutil.copyfile(models[best["method"]], ctx.workdir / INT8_DIR / "model.onnx")
-        int8 = {
-            "format": _format(sel.get("quantize", {})),
-            "runtime": runtime,
-            "model": inputs["model"].digest,
-            "calibration": inputs["data"].digest,
-            "metrics": _plain(verified[best["method"]]),
-        }
+            key = _int8_key(
+                inputs["model"], ctx.workdir / "calibration.json", sel.get("quantize", {}), runtime, inputs["data"]
+            )
+            if len(_FULL_INT8) >= _FULL_INT8_MAX:
+                _FULL_INT8.pop(next(iter(_FULL_INT8)))
+            _FULL_INT8[key] = (
+                (Path(tmp) / f"{best['method']}_raw.onnx").read_bytes(),
+                Path(models[best["method"]]).read_bytes(),
+                verified[best["method"]],
+            )
         return PassResult(
             "calibration.json",
             metrics={
@@ -378,7 +374,6 @@ class Calibrate(Pass):
                 "timing_s": {k: round(v, 2) for k, v in timing.items()},
                 "trials": trials,
             },
-            meta={"int8": int8},
         )
 
 
@@ -408,10 +403,10 @@ class Quantize(Pass):
     not counted. The model is quantized once (``quantize_static``); each trial is that model
     with its nodes made float again by graph surgery and bias-corrected afresh
     (:func:`accelc.passes.quantizer.exclude_nodes`, the same model a ``nodes_to_exclude`` call
-    would write, without a quantizer run per trial). When ``calibrate: auto`` already built this
-    full INT8 model (its kept trial: same float model, calibration samples, format options and
-    runtime), that model and its verification are taken from the table artifact instead
-    (``full_int8`` in the metrics says so). Every trial is recorded
+    would write, without a quantizer run per trial). When ``calibrate: auto`` already built
+    this full INT8 model in this process (its kept trial: same float model, table, calibration
+    samples, format options and runtime), that model and its verification are taken from it
+    instead (``full_int8`` in the metrics says so). Every trial is recorded
     (``trials``: nodes excluded, verification metrics, p50 latency at batch 1, each model timed
     alone in a worker process, the float one too), with ``sensitivity`` and ``latency`` (float,
     full INT8 and kept model, p50 ms; ``slower_than_float`` says so when the kept model is).
@@ -549,10 +544,14 @@ class Quantize(Pass):
             ctx.progress("quantize and correct biases")
         tolerances = options.get("tolerances") or {}
         runtime = options.get("runtime", "onnxruntime")
-        reuse = _reusable_int8(inputs, options, runtime)
+        reuse = (
+            _FULL_INT8.get(_int8_key(inputs["model"], table, options, runtime, inputs["calibration"]))
+            if "calibration" in inputs
+            else None
+        )
         if not options.get("fallback") or not tolerances:
             if reuse:  # calibrate already built and corrected this very model
-                shutil.copyfile(reuse[1], out)
+                out.write_bytes(reuse[1])
             else:
                 session = trial_session(ctx, runtime)
                 quantize_model(model_path, table, out, options, calibration=calibration, session=session)
@@ -576,8 +575,10 @@ class Quantize(Pass):
             # quantized once; every trial below is this model with some nodes made float again
             full = tmp / "trial0.onnx"
             if reuse:  # calibrate: auto built and verified it already (its kept trial)
-                raw, corrected, verified = reuse
-                shutil.copyfile(corrected, full)
+                raw = tmp / "raw.onnx"
+                raw.write_bytes(reuse[0])
+                full.write_bytes(reuse[1])
+                verified = reuse[2]
             else:
                 ctx.progress("full INT8: quantize and verify")
                 raw = quantize_model(model_path, table, tmp / "raw.onnx", {**options, "bias_correction": False})

@@ -178,8 +178,6 @@ def test_quantize_starts_from_the_full_int8_model_calibrate_kept(fallback_build,
     full = q["metrics"]["trials"][0]
     for k in ("top1_agreement", "cosine", "cosine_min", "mean_abs_error"):
         assert full[k] == pytest.approx(kept[k], abs=1e-9)
-    entry = cache / "entries" / cal["artifact"]["key"]
-    assert (entry / "int8" / "raw.onnx").is_file() and (entry / "int8" / "model.onnx").is_file()
     # a calibrate step scoring another format hands nothing over: quantize builds its own
     recipe = write_project(
         tmp_path / "other",
