@@ -105,11 +105,12 @@ def _format(options: dict[str, Any]) -> dict[str, Any]:
 
 
 #: The full INT8 models ``calibrate: auto`` built for its kept table in this process, by what made
-#: them (:func:`_int8_key`): ``(raw bytes, corrected bytes, verification metrics)``. A ``quantize``
+#: them (:func:`_int8_key`): ``(raw bytes, corrected bytes, verification metrics, what they were
+#: verified on)`` (:func:`_verified_on`). A ``quantize``
 #: step after it in the same build would build and verify the very same model; it takes it from
 #: here instead (about 3 s of a cold EfficientNet-Lite0 build). Only the last few; a quantize run in
 #: another process (a Ray worker) builds its own.
-_FULL_INT8: dict[tuple[str, ...], tuple[bytes, bytes, dict[str, Any]]] = {}
+_FULL_INT8: dict[tuple[str, ...], tuple[bytes, bytes, dict[str, Any], tuple[Any, ...]]] = {}
 _FULL_INT8_MAX = 2
 
 
@@ -129,6 +130,12 @@ def _int8_key(
         runtime,
         calibration.digest,
     )
+
+
+def _verified_on(inputs: dict[str, Artifact], batch: int, runtime: str) -> tuple[Any, ...]:
+    """What a trial's verification metrics depend on besides the model: validation set, reference
+    outputs, batch size and runtime."""
+    return (inputs["validation"].digest, inputs["reference"].digest, batch, runtime)
 
 
 #: Samples per run of a sensitivity probe model (when the batch dimension is dynamic).
@@ -357,6 +364,7 @@ class Calibrate(Pass):
                 (Path(tmp) / f"{best['method']}_raw.onnx").read_bytes(),
                 Path(models[best["method"]]).read_bytes(),
                 verified[best["method"]],
+                _verified_on(inputs, evaluator.batch, runtime),
             )
         return PassResult(
             "calibration.json",
@@ -578,7 +586,8 @@ class Quantize(Pass):
                 raw = tmp / "raw.onnx"
                 raw.write_bytes(reuse[0])
                 full.write_bytes(reuse[1])
-                verified = reuse[2]
+                same = reuse[3] == _verified_on(inputs, evaluator.batch, runtime)
+                verified = reuse[2] if same else evaluator.metrics(full)
             else:
                 ctx.progress("full INT8: quantize and verify")
                 raw = quantize_model(model_path, table, tmp / "raw.onnx", {**options, "bias_correction": False})
