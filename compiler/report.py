@@ -105,6 +105,7 @@ def _fmt(v: Any) -> str:
 #: Columns of a trials table, each shown when some trial has it (``(metric key, header)``).
 TRIAL_COLUMNS = (
     ("top1_agreement", "top-1 agreement"),
+    ("flip_margin", "flip margin"),
     ("cosine", "cosine (mean)"),
     ("cosine_min", "cosine (min)"),
     ("neighbor_recall", "neighbour recall"),

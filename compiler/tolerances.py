@@ -38,6 +38,14 @@ TOLERANCES: dict[str, Tolerance] = {
         "accuracy_drop", "max", "Maximum drop of top-1 accuracy against labels (when the data has labels).", 0, 1
     ),
     "cosine_min": Tolerance("cosine_min", "min", "Minimum per-sample cosine similarity (the worst sample).", -1, 1),
+    "flip_margin": Tolerance(
+        "flip_margin",
+        "max",
+        "Largest top-1/top-2 logit margin of the source model among samples whose top-1 changes "
+        "(0 when none does): with 1, no sample flips where the source model was confident; flips "
+        "on near-ties are allowed.",
+        0,
+    ),
     "neighbor_recall": Tolerance(
         "neighbor_recall",
         "min",

@@ -215,6 +215,7 @@ def compare_by_kind(
         m = compare_outputs(ref, out, labels)
         if kind != "classes":
             m.pop("top1_agreement", None)
+            m.pop("flip_margin", None)
         rows = np.isfinite(ref.reshape(len(ref), -1)).all(1)
         ref_for_reason, mask_for_reason = ref[rows], None
     m["output_kind"] = kind

@@ -489,6 +489,7 @@ def search_fallback(
 #: Metrics copied from a verification into a trial record.
 _TRIAL_METRICS = (
     "top1_agreement",
+    "flip_margin",
     "cosine",
     "cosine_min",
     "max_abs_error",

@@ -25,8 +25,9 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
 
     Returns ``samples``, ``nonfinite_samples`` (rows where either output holds a NaN or an
     infinity), and over the finite rows ``top1_agreement`` (share of rows with equal arg-max),
-    ``cosine`` (mean row cosine similarity) and ``cosine_min``, ``max_abs_error``,
-    ``mean_abs_error``; with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and
+    ``flip_margin`` (the largest ``ref`` top-1 minus top-2 value among the rows whose arg-max
+    differs, 0 when none does; ``None`` for rows of one value), ``cosine`` (mean row cosine
+    similarity) and ``cosine_min``, ``max_abs_error``, ``mean_abs_error``; with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and
     ``accuracy_drop``. A metric with no finite row to measure is ``None``. Non-finite rows never
     count as agreeing: :func:`tolerance_failures` fails any result that has them.
     """
@@ -44,15 +45,21 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
         "reference_nonfinite_samples": int((~np.isfinite(r_all).all(1)).sum()),
     }
     if len(r) == 0:
-        m.update(top1_agreement=None, cosine=None, cosine_min=None, max_abs_error=None, mean_abs_error=None)
+        m.update(top1_agreement=None, flip_margin=None, cosine=None, cosine_min=None, max_abs_error=None, mean_abs_error=None)
         if labels is not None:
             m.update(accuracy=None, reference_accuracy=None, accuracy_drop=None)
         return m
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
     cos = np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
     diff = np.abs(r - o)
+    flipped = r.argmax(1) != o.argmax(1)
+    margin = None
+    if r.shape[1] >= 2:
+        top2 = np.partition(r, -2, axis=1)[:, -2:]
+        margin = float((top2[:, 1] - top2[:, 0])[flipped].max()) if flipped.any() else 0.0
     m.update(
-        top1_agreement=float((r.argmax(1) == o.argmax(1)).mean()),
+        top1_agreement=float(1.0 - flipped.mean()),
+        flip_margin=margin,
         cosine=float(cos.mean()),
         cosine_min=float(cos.min()),
         max_abs_error=float(diff.max()),

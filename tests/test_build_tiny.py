@@ -135,6 +135,18 @@ def test_compare_outputs_metrics():
     ]
 
 
+def test_flip_margin_is_the_largest_reference_margin_among_flipped_samples():
+    ref = np.array([[3.0, 0.5, 0.0], [1.0, 0.9, 0.0], [0.0, 2.0, 0.2], [5.0, 1.0, 0.0]])
+    out = np.array([[3.0, 0.5, 0.0], [0.9, 1.0, 0.0], [0.0, 0.1, 0.2], [5.0, 1.0, 0.0]])
+    m = compare_outputs(ref, out)  # rows 1 (margin 0.1) and 2 (margin 1.8) flip
+    assert m["top1_agreement"] == pytest.approx(0.5)
+    assert m["flip_margin"] == pytest.approx(1.8)
+    assert tolerance_failures(m, {"flip_margin": 1.0}) == ["flip_margin = 1.8, required <= 1"]
+    assert compare_outputs(ref, ref)["flip_margin"] == 0.0
+    near_tie_only = compare_outputs(ref[:2], out[:2])
+    assert near_tie_only["flip_margin"] == pytest.approx(0.1) and not tolerance_failures(near_tie_only, {"flip_margin": 1})
+
+
 def test_latency_stats_units():
     s = latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
     assert s["p50_ms"] == pytest.approx(2.5) and s["mean_ms"] == pytest.approx(2.5)
