@@ -43,13 +43,24 @@ def search_stage(report: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
+def _plotted_metric(trials: list[dict[str, Any]], tolerances: dict[str, float]) -> str:
+    """``cosine`` or ``top1_agreement``: the one whose tolerance some trial missed (the one that decided
+    the search), else top-1 where every trial has it, else cosine."""
+    for name in ("cosine", "top1_agreement"):
+        bound = tolerances.get(name)
+        values = [t.get(name) for t in trials]
+        if bound is not None and all(v is not None for v in values) and any(v < bound for v in values):
+            return name
+    return "top1_agreement" if all(t.get("top1_agreement") is not None for t in trials) else "cosine"
+
+
 def _accuracy_latency(report: dict[str, Any], path: Path) -> bool:
     stage = search_stage(report)
     if stage is None:
         return False
     m = stage["metrics"]
     trials = [t for t in m["trials"] if t.get("p50_ms") is not None]
-    metric = "top1_agreement" if all(t.get("top1_agreement") is not None for t in trials) else "cosine"
+    metric = _plotted_metric(trials, m.get("tolerances") or {})
     label = {"top1_agreement": "top-1 agreement with the source model", "cosine": "cosine similarity (mean)"}[metric]
     fig = _figure()
     ax = fig.add_subplot()

@@ -660,7 +660,7 @@ class Quantize(Pass):
                 "kept_ms": lat[str(chosen["trial"])],
             },
             "timing_s": {k: round(v, 2) for k, v in timing.items()},
-            **({"full_int8": "calibrate's kept trial (the same model, built and verified there)"} if reuse else {}),
+            **({"full_int8": "calibrate's kept trial"} if reuse else {}),
             "trials": trials,
             "sensitivity": ranking,
             **sens_info,

@@ -288,3 +288,13 @@ def test_plots_of_unchanged_data_are_copied_not_drawn(tmp_path, monkeypatch):
     report["stages"][2]["metrics"]["batch"]["1"]["latencies_ms"][0] = 9.0  # new data: drawn again
     with pytest.raises(AssertionError, match="drew a plot"):
         plots.write_plots(third, report, previous=second)
+
+
+def test_the_trials_plot_shows_the_metric_whose_tolerance_decided_the_search():
+    from accelc.plots import _plotted_metric
+
+    trials = [{"top1_agreement": 0.92, "cosine": 0.9968}, {"top1_agreement": 0.95, "cosine": 0.9982}]
+    assert _plotted_metric(trials, {"cosine": 0.998, "top1_agreement": 0.9}) == "cosine"
+    assert _plotted_metric(trials, {"cosine": 0.99, "top1_agreement": 0.94}) == "top1_agreement"
+    assert _plotted_metric(trials, {}) == "top1_agreement"
+    assert _plotted_metric([{"cosine": 0.99}], {"top1_agreement": 0.9}) == "cosine"  # embeddings: no top-1
