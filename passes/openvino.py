@@ -56,8 +56,11 @@ def _openvino_core() -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first informative line of an OpenVINO error: its messages start with source locations
+    (``Exception from src/...cpp:27:``), which say nothing to a user."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    told = [ln for ln in lines if not ln.startswith("Exception from ") and not ln.endswith(".cpp:")]
+    return (told or lines or [type(e).__name__])[0][:400]
 
 
 def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:

@@ -90,7 +90,8 @@ def unquantize_float_inputs(
     clamps to, and names the producer's output after the activation's. Where the bypassed
     tensor was written by such an activation in ``float_model`` (the model before
     quantization), a copy of it (attributes and bound initializers included) is put back in
-    front of the float consumers, so they read exactly the float graph's tensor. A tensor
+    front of the float consumers, so they read exactly the float graph's tensor (with the
+    ``Constant`` nodes that bind its bounds, where the export wrote those). A tensor
     whose float-graph producer is missing for any other reason is left quantized.
 
     Numerically the float nodes then see the producer's unrounded output: one quantization
@@ -137,11 +138,21 @@ def unquantize_float_inputs(
             act.name = f"{fp.name}_float"
             act.input[0] = source
             act.output[0] = f"{source}_float"
+            at = list(g.node).index(dq)
             for extra in list(act.input)[1:]:
-                if extra and extra not in inits and extra in float_inits:
+                if not extra or extra in inits or extra in producer:
+                    continue
+                if extra in float_inits:
                     g.initializer.append(float_inits[extra])
                     inits.add(extra)
-            g.node.insert(list(g.node).index(dq), act)
+                elif extra in float_producer and float_producer[extra].op_type == "Constant":
+                    # TorchScript exports bind Clip bounds with Constant nodes, not initializers
+                    const = onnx.NodeProto()
+                    const.CopyFrom(float_producer[extra])
+                    g.node.insert(at, const)
+                    at += 1
+                    producer[extra] = const
+            g.node.insert(at, act)
             in_qdq.add(act.name)
             source = act.output[0]
         for u in users:

@@ -104,3 +104,45 @@ def test_a_float_node_before_an_op_the_quantizer_leaves_float_writes_float(tmp_p
     assert by_name["div"].input[0] == by_name["conv1"].output[0]  # no Q/DQ pair the Div would read
     x = samples(1, 8)
     np.testing.assert_allclose(run(cut, x), run(ref, x), rtol=0, atol=1e-5)
+
+
+def _conv_clip_model(path):
+    """(N, 3, 8, 8) -> (N, 4, 8, 8): Conv, Clip(0, 6) whose bounds are Constant nodes (as the
+    TorchScript exporter writes them), Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Constant", [], ["lo"], name="lo", value=numpy_helper.from_array(np.array(0, np.float32))),
+        helper.make_node("Constant", [], ["hi"], name="hi", value=numpy_helper.from_array(np.array(6, np.float32))),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="clip"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+@pytest.mark.parametrize("nodes", [["conv2"], ["conv1", "clip"]])
+def test_a_restored_clip_brings_its_constant_bounds_along(tmp_path, nodes):
+    fp = _conv_clip_model(tmp_path / "float.onnx")
+    tab = table(fp, samples(0), tmp_path)
+    opts = {"bias_correction": False, "float_node_inputs": "float"}
+    raw = quantize_model(fp, tab, tmp_path / "raw.onnx", opts)
+    assert "clip" not in {n.name for n in onnx.load(str(raw)).graph.node}  # folded into conv1's output range
+    ref = quantize_model(fp, tab, tmp_path / "ref.onnx", opts, nodes)
+    cut = exclude_nodes(fp, raw, tmp_path / "cut.onnx", opts, nodes)
+    for path in (ref, cut):
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)  # no input without a producer
+    x = samples(1, 8)
+    np.testing.assert_allclose(run(cut, x), run(ref, x), rtol=0, atol=1e-5)
