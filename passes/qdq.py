@@ -237,9 +237,9 @@ def float_units(
     included. A Q/DQ pair between float nodes (``nodes`` and ``float_nodes``, the nodes already
     float in ``qdq_model``, folded activations included; with ``op_types``, the op types the
     quantizer quantizes, nodes of other types too), between a graph input and float nodes, or
-    between a float node and a graph output is removed, as ``quantize_static`` leaves none there (:func:`unquantize_float_inputs`
-    with ``only_after_float``). Unused Q/DQ nodes and initializers are then pruned and float
-    Conv/Gemm nodes pinned (:func:`pin_float_nodes`).
+    between a float node and a graph output is removed, as ``quantize_static`` leaves none there
+    (:func:`unquantize_float_inputs` with ``only_after_float``). Unused Q/DQ nodes and
+    initializers are then pruned and float Conv/Gemm nodes pinned (:func:`pin_float_nodes`).
 
     Edits ``qdq_model`` (an ``onnx.ModelProto``) in place; returns the names of the nodes made
     float (named nodes with nothing quantized to restore are left out).

@@ -27,9 +27,9 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
     infinity), and over the finite rows ``top1_agreement`` (share of rows with equal arg-max),
     ``flip_margin`` (the largest ``ref`` top-1 minus top-2 value among the rows whose arg-max
     differs, 0 when none does; ``None`` for rows of one value), ``cosine`` (mean row cosine
-    similarity) and ``cosine_min``, ``max_abs_error``, ``mean_abs_error``; with ``labels`` ``(N,)`` also ``accuracy``, ``reference_accuracy`` and
-    ``accuracy_drop``. A metric with no finite row to measure is ``None``. Non-finite rows never
-    count as agreeing: :func:`tolerance_failures` fails any result that has them.
+    similarity) and ``cosine_min``, ``max_abs_error``, ``mean_abs_error``; with ``labels``
+    ``(N,)`` also ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``. A metric with no
+    finite row to measure is ``None``. Non-finite rows never count as agreeing: :func:`tolerance_failures` fails any result that has them.
     """
     if ref.shape != out.shape:
         raise VerificationError(
@@ -45,7 +45,9 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
         "reference_nonfinite_samples": int((~np.isfinite(r_all).all(1)).sum()),
     }
     if len(r) == 0:
-        m.update(top1_agreement=None, flip_margin=None, cosine=None, cosine_min=None, max_abs_error=None, mean_abs_error=None)
+        m.update(
+            top1_agreement=None, flip_margin=None, cosine=None, cosine_min=None, max_abs_error=None, mean_abs_error=None
+        )
         if labels is not None:
             m.update(accuracy=None, reference_accuracy=None, accuracy_drop=None)
         return m

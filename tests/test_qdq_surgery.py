@@ -65,9 +65,21 @@ def test_surgery_names_a_node_the_float_model_lacks(setup):
         exclude_nodes(fp, raw, tmp / "bad.onnx", {"bias_correction": False}, ["nope"])
 
 
+def _save(path, name, nodes, inits):
+    """A graph ``x (N, 3, 8, 8) -> y (N, 4, 8, 8)`` of ``nodes`` saved at ``path`` (opset 18)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
 def _conv_div_model(path):
     """(N, 3, 8, 8) -> (N, 4, 8, 8): Conv, Div by a constant (an op the quantizer leaves float), Relu, Conv."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(3)
     inits = [
@@ -83,12 +95,7 @@ def _conv_div_model(path):
         helper.make_node("Relu", ["q"], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
     ]
-    graph = helper.make_graph(
-        nodes, "conv_div", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
-    return path
+    return _save(path, "conv_div", nodes, inits)
 
 
 def test_a_float_node_before_an_op_the_quantizer_leaves_float_writes_float(tmp_path):
@@ -109,7 +116,7 @@ def test_a_float_node_before_an_op_the_quantizer_leaves_float_writes_float(tmp_p
 def _conv_clip_model(path):
     """(N, 3, 8, 8) -> (N, 4, 8, 8): Conv, Clip(0, 6) whose bounds are Constant nodes (as the
     TorchScript exporter writes them), Conv."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(4)
     inits = [
@@ -125,12 +132,7 @@ def _conv_clip_model(path):
         helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="clip"),
         helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
     ]
-    graph = helper.make_graph(
-        nodes, "conv_clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
-    return path
+    return _save(path, "conv_clip", nodes, inits)
 
 
 @pytest.mark.parametrize("nodes", [["conv2"], ["conv1", "clip"]])
