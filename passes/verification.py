@@ -29,7 +29,8 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None 
     differs, 0 when none does; ``None`` for rows of one value), ``cosine`` (mean row cosine
     similarity) and ``cosine_min``, ``max_abs_error``, ``mean_abs_error``; with ``labels``
     ``(N,)`` also ``accuracy``, ``reference_accuracy`` and ``accuracy_drop``. A metric with no
-    finite row to measure is ``None``. Non-finite rows never count as agreeing: :func:`tolerance_failures` fails any result that has them.
+    finite row to measure is ``None``. Non-finite rows never count as agreeing:
+    :func:`tolerance_failures` fails any result that has them.
     """
     if ref.shape != out.shape:
         raise VerificationError(
