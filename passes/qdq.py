@@ -239,7 +239,8 @@ def float_units(
     quantizer quantizes, nodes of other types too), between a graph input and float nodes, or
     between a float node and a graph output is removed, as ``quantize_static`` leaves none there
     (:func:`unquantize_float_inputs` with ``only_after_float``). Unused Q/DQ nodes and
-    initializers are then pruned and float Conv/Gemm nodes pinned (:func:`pin_float_nodes`).
+    initializers are then pruned; pinning the float Conv/Gemm nodes (:func:`pin_float_nodes`) is
+    the caller's, after any further layout edit.
 
     Edits ``qdq_model`` (an ``onnx.ModelProto``) in place; returns the names of the nodes made
     float (named nodes with nothing quantized to restore are left out).
@@ -294,5 +295,4 @@ def float_units(
         _float_graph_outputs(qdq_model, set(restored))
         unquantize_float_inputs(qdq_model, float_model, set(float_nodes), only_after_float=True, op_types=op_types)
         prune_dead_nodes(qdq_model)
-        pin_float_nodes(qdq_model)
     return restored

@@ -44,6 +44,7 @@ from .quantizer import (
     FORMAT_OPTIONS,
     METHODS,
     exclude_nodes,
+    format_options,
     quantize_model,
     quantized_op_types,
 )
@@ -97,13 +98,6 @@ def _slower_than_float(lat: dict[str, Any]) -> str | None:
     return None
 
 
-def _format(options: dict[str, Any]) -> dict[str, Any]:
-    """The format options (:data:`FORMAT_OPTIONS`) with their defaults filled in."""
-    fmt = {k: spec.get("default") for k, spec in FORMAT_OPTIONS.items()}
-    fmt.update({k: v for k, v in options.items() if k in FORMAT_OPTIONS})
-    return fmt
-
-
 #: The full INT8 models ``calibrate: auto`` built for its kept table in this process, by what made
 #: them (:func:`_int8_key`): ``(raw bytes, corrected bytes, verification metrics, what they were
 #: verified on)`` (:func:`_verified_on`). A ``quantize``
@@ -126,7 +120,7 @@ def _int8_key(
     return (
         model.digest,
         hashlib.sha256(table.read_bytes()).hexdigest(),
-        json.dumps(_format(options), sort_keys=True),
+        json.dumps(format_options(options), sort_keys=True),
         runtime,
         calibration.digest,
     )
