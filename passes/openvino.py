@@ -20,6 +20,7 @@ import collections
 import functools
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,12 @@ def _openvino_core() -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    """The first informative line of an OpenVINO error: its messages start with source locations
-    (``Exception from src/...cpp:27:``), which say nothing to a user."""
+    """An OpenVINO error's message on one line, without the C++ source locations its lines start
+    with (``Exception from src/...cpp:27:``, ``Check 'false' failed at src/...cpp:47:``), which say
+    nothing to a user: ``Loading input model: Input tensor isn't found for node "x"``."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    told = [ln for ln in lines if not ln.startswith("Exception from ") and not ln.endswith(".cpp:")]
-    return (told or lines or [type(e).__name__])[0][:400]
+    told = [ln for ln in lines if not re.search(r"\.(cpp|hpp|h):\d+:?$", ln)]
+    return ": ".join(told or lines or [type(e).__name__])[:400]
 
 
 def openvino_compile(model: Any, threads: int | None = None, precision: str = "f32") -> Any:

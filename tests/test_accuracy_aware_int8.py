@@ -413,3 +413,21 @@ def test_report_opens_with_a_summary_and_embeds_non_empty_plots(fallback_build):
     assert re.search(r"x (faster|slower)\*\* than the source model in eager PyTorch", summary)
     assert re.search(r"x (faster|slower)\*\* than FP32 ONNX", summary)
     assert "node(s) kept in float" in summary  # the warning that the search kept a node in float
+
+
+def test_sensitivity_probes_run_at_batch_2(tmp_path, monkeypatch):
+    import accelc.passes.quantization as quantization
+
+    batches = []
+
+    class Recording(quantization.Evaluator):
+        def __init__(self, arrays, names, reference, batch, *a, **k):
+            batches.append(batch)
+            super().__init__(arrays, names, reference, batch, *a, **k)
+
+    monkeypatch.setattr(quantization, "Evaluator", Recording)  # only the sensitivity probes use it there
+    recipe = write_project(tmp_path, quantize={"fallback": "auto", "max_fp32_nodes": 1, **QUICK})
+    outcome = build(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert outcome.ok, outcome.result.failure
+    assert stage(outcome.report, "quantize")["metrics"]["sensitivity"]  # the ranking ran
+    assert batches and set(batches) == {quantization.SENSITIVITY_BATCH}  # the verify batch is 16

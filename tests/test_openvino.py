@@ -233,3 +233,23 @@ except KeyboardInterrupt:
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "unwound", (p.returncode, p.stderr[-500:])
+
+
+def test_openvino_errors_are_named_by_their_message_not_the_source_location(tmp_path):
+    from accelc.passes.openvino import openvino_convert
+
+    bad = tmp_path / "dangling.onnx"
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(  # Clip reads a bound nothing produces
+        [helper.make_node("Clip", ["x", "nowhere"], ["y"])], "dangling",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(bad))
+    with pytest.raises(PassError) as err:
+        openvino_convert(bad)
+    msg = str(err.value)
+    assert msg.startswith("OpenVINO could not convert dangling.onnx: ")
+    assert "Exception from" not in msg and not msg.rstrip().endswith(".cpp:")
+    assert "nowhere" in msg  # the tensor that is missing
